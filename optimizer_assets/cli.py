@@ -1,0 +1,55 @@
+"""The `optimizer` console command."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def main() -> None:
+    """Meta ads <-> HubSpot optimizer: sandbox, demo and UI."""
+
+
+@main.group()
+def sandbox() -> None:
+    """The simulated ad world (loopback HubSpot + Meta with ground truth)."""
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--accounts", default=None, type=int, help="Number of ad accounts (default 3).")
+@click.option("--ads-per-account", default=None, type=int, help="Ads per account.")
+@click.option(
+    "--speed",
+    default=None,
+    type=float,
+    help="Simulated seconds per real second (3600 = one simulated hour per second). "
+    "Without it, time moves only on POST /_sandbox/advance.",
+)
+def sandbox_serve(host, port, seed, accounts, ads_per_account, speed) -> None:
+    """Serve the sandbox's HubSpot, Graph API and CAPI endpoints on HOST:PORT."""
+    from optimizer_assets.sandbox.server import serve
+    from optimizer_assets.sandbox.world import WorldConfig
+
+    overrides = {"seed": seed}
+    if accounts is not None:
+        overrides["accounts"] = accounts
+    if ads_per_account is not None:
+        overrides["ads_per_account"] = ads_per_account
+    serve(host=host, port=port, config=WorldConfig(**overrides), speed=speed)
+
+
+@main.command()
+@click.option("--days", default=30, show_default=True, type=int, help="Simulated days to run.")
+@click.option("--seed", default=7, show_default=True, type=int)
+def demo(days: int, seed: int) -> None:
+    """Run the loop on the embedded sandbox for DAYS simulated days and print the results."""
+    from optimizer_assets.demo import run_demo
+
+    run_demo(days=days, seed=seed)
+
+
+if __name__ == "__main__":
+    main()
