@@ -51,5 +51,61 @@ def demo(days: int, seed: int) -> None:
     run_demo(days=days, seed=seed)
 
 
+@main.command()
+@click.option("--port", default=3000, show_default=True, type=int, help="Dagster UI port.")
+@click.option("--sandbox-port", default=8765, show_default=True, type=int)
+@click.option("--speed", default=3600.0, show_default=True, type=float)
+@click.option("--seed", default=7, show_default=True, type=int)
+def ui(port: int, sandbox_port: int, speed: float, seed: int) -> None:
+    """Start the sandbox (real-time speed) and `dagster dev` with its daemon on 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+
+    from optimizer_assets.instance import REPO_ROOT, prepare_dagster_home
+
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = str(prepare_dagster_home())
+    env.setdefault("OPTIMIZER_MODE", "sandbox")
+    env.setdefault("OPTIMIZER_SANDBOX_URL", f"http://127.0.0.1:{sandbox_port}")
+    bin_dir = os.path.dirname(sys.executable)
+    sandbox_cmd = [
+        os.path.join(bin_dir, "optimizer"),
+        "sandbox",
+        "serve",
+        "--port",
+        str(sandbox_port),
+        "--seed",
+        str(seed),
+        "--speed",
+        str(speed),
+    ]
+    dagster_cmd = [
+        os.path.join(bin_dir, "dagster"),
+        "dev",
+        "-w",
+        str(REPO_ROOT / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    click.echo(
+        f"sandbox on http://127.0.0.1:{sandbox_port} (speed {speed:g}x), "
+        f"Dagster UI on http://127.0.0.1:{port}, DAGSTER_HOME={env['DAGSTER_HOME']}"
+    )
+    processes = [subprocess.Popen(sandbox_cmd, env=env, cwd=REPO_ROOT)]
+    try:
+        processes.append(subprocess.Popen(dagster_cmd, env=env, cwd=REPO_ROOT))
+        processes[-1].wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
 if __name__ == "__main__":
     main()

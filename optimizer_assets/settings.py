@@ -93,9 +93,7 @@ class Settings:
 
     def pipeline_accounts(self) -> dict[str, str]:
         """HubSpot pipeline id -> ad account id, for the accounts that name one."""
-        return {
-            a.hubspot_pipeline_id: a.account_id for a in self.accounts if a.hubspot_pipeline_id
-        }
+        return {a.hubspot_pipeline_id: a.account_id for a in self.accounts if a.hubspot_pipeline_id}
 
 
 def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
@@ -126,7 +124,7 @@ def _format_loc(loc: tuple) -> str:
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:
-    """Load and validate the accounts file (default ``data/accounts.yaml`` or $OPTIMIZER_ACCOUNTS_FILE)."""
+    """Load and validate the accounts file (``data/accounts.yaml`` or $OPTIMIZER_ACCOUNTS_FILE)."""
     path = Path(path or os.environ.get("OPTIMIZER_ACCOUNTS_FILE") or DEFAULT_SETTINGS_PATH)
     try:
         text = path.read_text(encoding="utf-8")
@@ -138,7 +136,9 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise SettingsError(f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        raise SettingsError(
+            f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
     lines = _line_index(node) if node is not None else {(): 1}
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}:1: expected a mapping with 'defaults' and 'accounts'")

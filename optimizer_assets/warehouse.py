@@ -49,7 +49,9 @@ class Warehouse:
     def has_table(self, table: str) -> bool:
         return table in self.tables()
 
-    def read(self, table: str, where: str | None = None, params: Sequence | None = None) -> pl.DataFrame:
+    def read(
+        self, table: str, where: str | None = None, params: Sequence | None = None
+    ) -> pl.DataFrame:
         """The whole table (or the rows matching ``where``); an empty frame if it does not exist."""
         if not self.has_table(table):
             return pl.DataFrame()
@@ -62,7 +64,9 @@ class Warehouse:
 
     def _ensure(self, con: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:
         con.register("_incoming", df)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {_ident(table)} AS SELECT * FROM _incoming LIMIT 0")
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {_ident(table)} AS SELECT * FROM _incoming LIMIT 0"
+        )
         existing = {r[0] for r in con.execute(f"DESCRIBE {_ident(table)}").fetchall()}
         for name, sql_type, *_ in con.execute("DESCRIBE _incoming").fetchall():
             if name not in existing:  # additive schema evolution: older rows get NULL

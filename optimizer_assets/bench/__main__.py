@@ -11,7 +11,8 @@ import optimizer_assets.bench as bench_pkg
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if not m.name.startswith("_"))
+    modules = pkgutil.iter_modules(bench_pkg.__path__)
+    return sorted(m.name for m in modules if not m.name.startswith("_"))
 
 
 def run(names: list[str], quick: bool) -> int:
