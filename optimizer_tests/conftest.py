@@ -7,6 +7,13 @@ import uuid
 
 import pytest
 
+from optimizer_tests.fixtures_sandbox import (  # noqa: F401  (fixtures for every module)
+    sandbox,
+    sandbox_accounts,
+    sandbox_fresh,
+    sandbox_session,
+)
+
 PG_HOST = os.environ.get("OPTIMIZER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OPTIMIZER_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("OPTIMIZER_TEST_PG_USER", "postgres")
