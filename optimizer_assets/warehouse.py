@@ -36,6 +36,8 @@ class Warehouse:
         if read_only and not self.path.exists():
             read_only = False
         con = duckdb.connect(str(self.path), read_only=read_only)
+        con.execute("SET TimeZone = 'UTC'")  # timestamps come back as Datetime(tz="UTC")
+        con.execute("SET enable_progress_bar = false")
         try:
             yield con
         finally:

@@ -14,7 +14,9 @@ def test_postgres_block_only_when_configured():
     db = block["postgres"]["postgres_db"]
     assert db["scheme"] == "postgresql+psycopg2"
     assert db["password"] == {"env": "DAGSTER_PG_PASSWORD"}  # the secret itself is never written
-    assert "s3cret" not in str(instance_config({"DAGSTER_PG_HOST": "db", "DAGSTER_PG_PASSWORD": "s3cret"}))
+    assert "s3cret" not in str(
+        instance_config({"DAGSTER_PG_HOST": "db", "DAGSTER_PG_PASSWORD": "s3cret"})
+    )
     assert "storage" not in instance_config({})
 
 

@@ -1,0 +1,283 @@
+"""Conversions API (group `capi`): CRM stage changes sent back to Meta as Conversion Leads.
+
+``capi_events`` builds one event per stage change not yet in the ledger (value + currency from
+synthetic revenue, hashed identities of the deal's contact or lead-form lead, ``fbc`` from its
+click id, ``lead_id`` where known); changes that cannot be sent (older than 7 days, no user
+data, no pixel, ...) go to ``capi_not_sent`` with the reason. A blocking check stops the run
+when a payload would carry an unhashed identifier. ``capi_uploads`` sends batches of at most
+1,000 per pixel, isolates a bad event by bisection while the others still go, and records
+every outcome in the warehouse ledger ``capi_ledger`` (keyed by event_id), so an accepted event
+is never sent twice, whatever run sends it.
+"""
+
+import json
+from datetime import timedelta
+
+import dagster as dg
+import polars as pl
+import requests
+
+from optimizer_assets.clients.errors import CapiRejectedError
+from optimizer_assets.defs.attribution import attributed_revenue, sandbox_truth
+from optimizer_assets.defs.resources import MetaResource, OptimizerResource, WarehouseResource
+from optimizer_assets.defs.revenue import md_table, synthetic_revenue
+from optimizer_assets.domain import capi as capi_domain
+
+DAY = timedelta(hours=24)
+LEDGER = "capi_ledger"
+LEDGER_SCHEMA = {
+    "event_id": pl.Utf8,
+    "deal_id": pl.Utf8,
+    "account_id": pl.Utf8,
+    "pixel_id": pl.Utf8,
+    "event_name": pl.Utf8,
+    "event_time": pl.Int64,
+    "value": pl.Float64,
+    "currency": pl.Utf8,
+    "status": pl.Utf8,  # accepted | rejected
+    "reason": pl.Utf8,
+    "sent_at": pl.Datetime("us", "UTC"),
+}
+NOT_SENT_SCHEMA = {
+    **capi_domain.REJECTED_SCHEMA,
+    "account_id": pl.Utf8,
+    "checked_at": pl.Datetime("us", "UTC"),
+}
+# reasons that never go away: such changes are not rebuilt on later runs
+PERMANENT_REASONS = ("too_old",)
+
+
+def pixel_ids(
+    optimizer: OptimizerResource, meta: MetaResource, account_ids: list[str]
+) -> dict[str, str]:
+    """Ad account -> Meta pixel (dataset) id that receives its events.
+
+    Order: a ``pixel_id`` in the account's settings entry; in sandbox mode the sandbox's
+    account list; in live mode the account's first pixel (``GET act_{id}/adspixels``).
+    """
+    settings = optimizer.settings()
+    found = {}
+    for account_id in account_ids:
+        configured = getattr(settings.for_account(account_id), "pixel_id", None)
+        if configured:
+            found[account_id] = str(configured)
+    missing = [a for a in account_ids if a not in found]
+    if missing and optimizer.mode == "sandbox":
+        response = requests.get(
+            f"{optimizer.sandbox_url.rstrip('/')}/_sandbox/accounts",
+            headers={"Authorization": f"Bearer {optimizer.meta_token}"},
+            timeout=(5, 30),
+        )
+        response.raise_for_status()
+        for row in response.json()["data"]:
+            if str(row["account_id"]) in missing and row.get("pixel_id"):
+                found[str(row["account_id"])] = str(row["pixel_id"])
+    elif missing:
+        with meta.graph() as graph:
+            for account_id in missing:  # a handful of accounts
+                rows = graph.paged(
+                    graph._path(f"act_{account_id}", "adspixels"), {"fields": "id", "limit": 5}
+                )
+                first = next(iter(rows), None)
+                if first is not None:
+                    found[account_id] = str(first["id"])
+    return found
+
+
+def _pending_changes(wh) -> pl.DataFrame:
+    """Stage changes with their identities, minus those already in the ledger or given up."""
+    changes = capi_domain.crm_stage_changes(
+        wh.read("synthetic_revenue"),
+        wh.read("stage_values"),
+        wh.read("attributed_revenue"),
+        wh.read("hubspot_contacts"),
+        wh.read("meta_leads"),
+    )
+    done = [wh.read(LEDGER).select("event_id")] if wh.has_table(LEDGER) else []
+    if wh.has_table("capi_not_sent"):
+        dropped = wh.read("capi_not_sent").filter(pl.col("reason").is_in(PERMANENT_REASONS))
+        done.append(dropped.select("event_id"))
+    if not done:
+        return changes
+    return changes.join(pl.concat(done), on="event_id", how="anti")
+
+
+@dg.asset(
+    group_name="capi",
+    kinds={"meta", "duckdb"},
+    deps=[synthetic_revenue, attributed_revenue, "hubspot_contacts", "meta_leads"],
+    pool="duckdb",
+)
+def capi_events(
+    optimizer: OptimizerResource, meta: MetaResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Conversion Leads events to send (one per stage change not yet accepted)."""
+    wh, settings, now = warehouse.get(), optimizer.settings(), optimizer.now()
+    changes = _pending_changes(wh)
+    events, not_sent = capi_domain.build_events(
+        changes, now=now, currency=settings.defaults.get("currency", "USD")
+    )
+    accounts = changes.select("event_id", "account_id").unique("event_id")
+    pixels = pixel_ids(optimizer, meta, accounts["account_id"].drop_nulls().unique().to_list())
+    events = events.join(accounts, on="event_id", how="left").with_columns(
+        pixel_id=pl.col("account_id").replace_strict(pixels, default=None, return_dtype=pl.Utf8)
+    )
+    no_pixel = events.filter(pl.col("pixel_id").is_null())
+    not_sent = pl.concat(
+        [
+            not_sent.join(accounts, on="event_id", how="left"),
+            no_pixel.select(
+                [pl.col(c) for c in capi_domain.REJECTED_SCHEMA if c in no_pixel.columns]
+                + [pl.col("account_id")]
+            ).with_columns(reason=pl.lit("no_pixel")),
+        ],
+        how="diagonal_relaxed",
+    ).with_columns(checked_at=pl.lit(now).cast(pl.Datetime("us", "UTC")))
+    events = events.filter(pl.col("pixel_id").is_not_null())
+    wh.replace("capi_events", events)
+    if not_sent.height:
+        wh.upsert("capi_not_sent", not_sent.select(list(NOT_SENT_SCHEMA)), ["event_id"])
+    reasons = not_sent.group_by("reason").agg(changes=pl.len()).sort("changes", descending=True)
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": events.height,
+            "stage_changes_pending": changes.height,
+            "not_sent": not_sent.height,
+            "too_old": not_sent.filter(pl.col("reason") == "too_old").height,
+            "with_value": events["value"].is_not_null().sum(),
+            "purchases": events.filter(pl.col("event_name") == "Purchase").height,
+            "pixels": len(set(pixels.values())),
+            "not_sent_reasons": md_table(reasons),
+        }
+    )
+
+
+def payload_problems(events: pl.DataFrame) -> pl.DataFrame:
+    """Events whose payload would carry an unhashed identifier: event_id, problem (no values)."""
+    rows = []
+    if events.height and "payload" in events.columns:
+        # per event: the check inspects what would actually be sent, key by key
+        for event_id, payload in events.select("event_id", "payload").iter_rows():
+            for problem in capi_domain.contains_unhashed_identifier(json.loads(payload)):
+                rows.append({"event_id": event_id, "problem": problem})
+    return pl.DataFrame(rows, schema={"event_id": pl.Utf8, "problem": pl.Utf8}, orient="row")
+
+
+@dg.asset_check(
+    asset=capi_events,
+    blocking=True,
+    description="No payload carries an unhashed email, phone or name (stops the upload).",
+)
+def capi_payloads_hashed(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    """Blocking: a raw identifier in any payload stops capi_uploads before anything is sent."""
+    problems = payload_problems(warehouse.get().read("capi_events"))
+    return dg.AssetCheckResult(
+        passed=problems.is_empty(),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "events_with_problems": problems["event_id"].n_unique(),
+            "problems": md_table(problems),
+        },
+    )
+
+
+def _ledger_rows(events: pl.DataFrame, outcomes: list[tuple[str, str, str | None]], now):
+    """Ledger rows (LEDGER_SCHEMA) for (event_id, status, reason) outcomes."""
+    if not outcomes:
+        return pl.DataFrame(schema=LEDGER_SCHEMA)
+    result = pl.DataFrame(
+        outcomes, schema={"event_id": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8}, orient="row"
+    )
+    return (
+        result.join(events, on="event_id", how="left")
+        .with_columns(sent_at=pl.lit(now).cast(pl.Datetime("us", "UTC")))
+        .select(list(LEDGER_SCHEMA))
+    )
+
+
+def send_pending(capi, events: pl.DataFrame) -> tuple[list, BaseException | None]:
+    """Send ``events`` per pixel in batches of <= 1,000; bisect a rejected batch.
+
+    Returns ((event_id, status, reason) outcomes, the error that stopped sending or None).
+    Throttling and 5xx are retried inside the client; when its retries run out, sending stops
+    and the outcomes so far are still returned so the ledger records them.
+    """
+    outcomes: list[tuple[str, str, str | None]] = []
+
+    def rejection(exc: BaseException) -> bool:
+        return isinstance(exc, CapiRejectedError) and not exc.retryable
+
+    for (pixel_id,), group in events.sort("pixel_id", "event_time").group_by(
+        "pixel_id", maintain_order=True
+    ):
+        for batch in capi_domain.chunk(group):
+            payloads = capi_domain.to_payload_dicts(batch)
+            try:
+                accepted, rejected = capi_domain.isolate_bad_events(
+                    payloads,
+                    lambda evs, pixel=pixel_id: capi.send_events(pixel, evs),
+                    is_rejection=rejection,
+                )
+            except capi_domain.UploadInterrupted as stop:
+                outcomes += [(e["event_id"], "accepted", None) for e in stop.accepted]
+                outcomes += [(e["event_id"], "rejected", why) for e, why in stop.rejected]
+                return outcomes, stop.__cause__ or stop
+            outcomes += [(e["event_id"], "accepted", None) for e in accepted]
+            outcomes += [(e["event_id"], "rejected", why) for e, why in rejected]
+    return outcomes, None
+
+
+def capi_match(optimizer: OptimizerResource) -> dict:
+    """Sandbox mode: match rate of the received events against truth; {} in live mode."""
+    if optimizer.mode != "sandbox":
+        return {}
+    summary = sandbox_truth(optimizer, "capi").get("summary") or {}
+    if not summary.get("unique_events"):
+        return {}
+    return {
+        "match_rate": float(summary["match_rate"]),
+        "events_received_by_meta": int(summary["events_received"]),
+    }
+
+
+@dg.asset(group_name="capi", kinds={"meta", "duckdb"}, deps=[capi_events], pool="duckdb")
+def capi_uploads(
+    context: dg.AssetExecutionContext,
+    optimizer: OptimizerResource,
+    meta: MetaResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    """Pending events sent to Meta; every outcome recorded in ``capi_ledger``."""
+    wh, now = warehouse.get(), optimizer.now()
+    events = wh.read("capi_events")
+    if events.height and wh.has_table(LEDGER):  # uploads re-run alone: skip what went already
+        events = events.join(wh.read(LEDGER).select("event_id"), on="event_id", how="anti")
+    with meta.capi() as capi:
+        outcomes, stopped = send_pending(capi, events) if events.height else ([], None)
+        requests_made = capi.request_count
+    ledger = _ledger_rows(events, outcomes, now)
+    if ledger.height:
+        wh.append_new(LEDGER, ledger, ["event_id"])
+    if stopped is not None:
+        context.log.error(f"upload stopped after {len(outcomes)} outcomes: {stopped}")
+        raise stopped
+    rejected = ledger.filter(pl.col("status") == "rejected")
+    return dg.MaterializeResult(
+        metadata={
+            "events_sent": events.height,
+            "accepted": ledger.height - rejected.height,
+            "rejected": rejected.height,
+            "http_requests": requests_made,
+            "rejections": md_table(rejected.select("event_id", "deal_id", "event_name", "reason")),
+            "ledger_accepted_total": wh.query(
+                f"SELECT count(*) AS n FROM {LEDGER} WHERE status = 'accepted'"
+            )["n"][0]
+            if wh.has_table(LEDGER)
+            else 0,
+            **capi_match(optimizer),
+        }
+    )
+
+
+assets = [capi_events, capi_uploads]
+asset_checks = [capi_payloads_hashed]

@@ -1,0 +1,250 @@
+"""Ingestion assets: HubSpot deals, stage events and contacts (group `crm`); the Meta catalog,
+lead-form leads and daily insights (group `ads`). Each run is idempotent: re-running a window
+adds nothing new, and re-materializing an insights day replaces that day only."""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import polars as pl
+
+from optimizer_assets.clients.graph import AD_FIELDS_WITH_TRAITS
+from optimizer_assets.defs.partitions import daily_partitions
+from optimizer_assets.defs.resources import (
+    HubSpotResource,
+    MetaResource,
+    OptimizerResource,
+    WarehouseResource,
+)
+from optimizer_assets.domain import ads as ads_domain
+from optimizer_assets.domain import crm
+from optimizer_assets.settings import AccountSettings
+
+# re-read a little of the previous window: late-indexed changes are caught, duplicates dropped
+OVERLAP = timedelta(minutes=15)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ALL_STATUSES = ("ACTIVE", "PAUSED", "ARCHIVED", "DELETED")
+
+
+def _ms(moment: datetime) -> int:
+    return int((moment - EPOCH) / timedelta(milliseconds=1))
+
+
+def _watermark(warehouse, table: str, column: str) -> datetime:
+    """Newest ``column`` stored in ``table`` minus the overlap; the epoch when empty."""
+    if not warehouse.has_table(table):
+        return EPOCH
+    latest = warehouse.query(f'SELECT max("{column}") AS m FROM "{table}"')["m"][0]
+    return EPOCH if latest is None else latest - OVERLAP
+
+
+def managed_accounts(optimizer: OptimizerResource, meta: MetaResource) -> list[AccountSettings]:
+    """The accounts of the settings file, else every ad account the token can see."""
+    settings = optimizer.settings()
+    if settings.accounts:
+        return list(settings.accounts)
+    with meta.graph() as graph:
+        rows = graph.ad_accounts()
+    return [settings.for_account(r["account_id"], name=r.get("name") or "") for r in rows]
+
+
+@dg.asset(group_name="crm", kinds={"hubspot", "duckdb"}, pool="duckdb")
+def hubspot_deals(
+    context: dg.AssetExecutionContext,
+    optimizer: OptimizerResource,
+    hubspot: HubSpotResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    """The current state of every deal (upserted), plus each newly observed state in
+    ``hubspot_deal_snapshots`` from which stage transitions are derived."""
+    wh, now = warehouse.get(), optimizer.now()
+    since = _watermark(wh, "hubspot_deal_snapshots", "updated_at")
+    with hubspot.client() as client:
+        records = list(client.search_deals_modified(_ms(since), _ms(now)))
+        http_requests = client.request_count
+    deals = crm.deals_frame(records, optimizer.settings().pipeline_accounts())
+    wh.upsert("hubspot_deals", deals, ["deal_id"])
+    new_states = wh.append_new(
+        "hubspot_deal_snapshots", deals, ["deal_id", "updated_at", "dealstage"]
+    )
+    unmapped = deals.filter(pl.col("account_id").is_null())["pipeline"].unique().to_list()
+    if unmapped:
+        context.log.warning(f"deals in pipelines not mapped to an ad account: {sorted(unmapped)}")
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": wh.query("SELECT count(*) AS n FROM hubspot_deals")["n"][0],
+            "fetched": deals.height,
+            "new_states": new_states.height,
+            "unmapped_pipelines": len(unmapped),
+            "http_requests": http_requests,
+            "window_start": dg.MetadataValue.timestamp(since),
+            "window_end": dg.MetadataValue.timestamp(now),
+        }
+    )
+
+
+@dg.asset(group_name="crm", kinds={"duckdb"}, deps=[hubspot_deals], pool="duckdb")
+def deal_stage_events(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """Append-only, deduplicated stage transitions (deal, from, to, occurred_at)."""
+    wh = warehouse.get()
+    events = crm.stage_events(wh.read("hubspot_deal_snapshots"))
+    new = wh.append_new("deal_stage_events", events, ["event_key"])
+    metadata = {
+        "row_count": wh.query("SELECT count(*) AS n FROM deal_stage_events")["n"][0],
+        "new_events": new.height,
+    }
+    if new.height:
+        metadata["window_start"] = dg.MetadataValue.timestamp(new["occurred_at"].min())
+        metadata["window_end"] = dg.MetadataValue.timestamp(new["occurred_at"].max())
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(group_name="crm", kinds={"hubspot", "duckdb"}, deps=[hubspot_deals], pool="duckdb")
+def hubspot_contacts(
+    optimizer: OptimizerResource, hubspot: HubSpotResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Contacts behind the deals, identities hashed at ingestion; click ids and UTMs parsed."""
+    wh, settings = warehouse.get(), optimizer.settings()
+    deals = wh.read("hubspot_deals").select("deal_id", "account_id")
+    known = wh.read("deal_contacts")
+    todo = deals if known.is_empty() else deals.join(known, on="deal_id", how="anti")
+    with hubspot.client() as client:
+        pairs = client.deal_contact_ids(todo["deal_id"].to_list()) if todo.height else None
+        if pairs is not None:
+            wh.append_new("deal_contacts", pairs, ["deal_id", "contact_id"])
+        links = wh.read("deal_contacts").join(deals, on="deal_id", how="left")
+        stored = wh.read("hubspot_contacts")
+        needed = (
+            links
+            if stored.is_empty()
+            else links.join(stored.select("contact_id"), on="contact_id", how="anti")
+        )
+        needed = needed.unique("contact_id", keep="first", maintain_order=True)
+        records = client.read_contacts(needed["contact_id"].to_list()) if needed.height else []
+        http_requests = client.request_count
+    country = {
+        c: settings.for_account(a).default_country if a else settings.defaults["default_country"]
+        for c, a in needed.select("contact_id", "account_id").iter_rows()
+    }
+    contacts = crm.contacts_frame(records, country)
+    wh.upsert("hubspot_contacts", contacts, ["contact_id"])
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": wh.query("SELECT count(*) AS n FROM hubspot_contacts")["n"][0],
+            "new_contacts": contacts.height,
+            "new_associations": 0 if pairs is None else pairs.height,
+            "with_click_id": contacts["fbclid"].is_not_null().sum(),
+            "http_requests": http_requests,
+        }
+    )
+
+
+@dg.asset(group_name="ads", kinds={"meta", "duckdb"}, pool="duckdb")
+def meta_ads(
+    optimizer: OptimizerResource, meta: MetaResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """The catalog: campaign, ad set, ad, creative traits and copy, budget, status."""
+    frames = []
+    with meta.graph() as graph:
+        for account in managed_accounts(optimizer, meta):
+            aid = account.account_id
+            frames.append(
+                ads_domain.catalog_frame(
+                    graph.campaigns(aid, effective_status=ALL_STATUSES),
+                    graph.adsets(aid, effective_status=ALL_STATUSES),
+                    graph.ads(aid, fields=AD_FIELDS_WITH_TRAITS, effective_status=ALL_STATUSES),
+                )
+            )
+        http_requests = graph.request_count
+    catalog = pl.concat(frames) if frames else pl.DataFrame(schema=ads_domain.META_ADS_SCHEMA)
+    warehouse.get().replace("meta_ads", catalog)
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": catalog.height,
+            "accounts": len(frames),
+            "active_ads": catalog.filter(pl.col("ad_status") == "ACTIVE").height,
+            "http_requests": http_requests,
+        }
+    )
+
+
+@dg.asset(group_name="ads", kinds={"meta", "duckdb"}, deps=[meta_ads], pool="duckdb")
+def meta_leads(
+    optimizer: OptimizerResource, meta: MetaResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Lead-form leads with their ad and lead id, identities hashed at ingestion."""
+    wh, settings, now = warehouse.get(), optimizer.settings(), optimizer.now()
+    since = _watermark(wh, "meta_leads", "created_at")
+    forms = wh.read("meta_ads").filter(pl.col("form_id").is_not_null())
+    forms = forms.select("account_id", "form_id").unique(maintain_order=True)
+    frames = []
+    with meta.graph() as graph:
+        for account_id, form_id in forms.iter_rows():
+            leads = graph.leads(
+                form_id, since=None if since == EPOCH else since, account_id=account_id
+            )
+            country = settings.for_account(account_id).default_country
+            frames.append(ads_domain.leads_frame(leads, account_id, country))
+        http_requests = graph.request_count
+    leads = pl.concat(frames) if frames else pl.DataFrame(schema=ads_domain.LEADS_SCHEMA)
+    new = wh.append_new("meta_leads", leads, ["lead_id"])
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": wh.query("SELECT count(*) AS n FROM meta_leads")["n"][0],
+            "fetched": leads.height,
+            "new_leads": new.height,
+            "forms": forms.height,
+            "http_requests": http_requests,
+            "window_start": dg.MetadataValue.timestamp(since),
+            "window_end": dg.MetadataValue.timestamp(now),
+        }
+    )
+
+
+@dg.asset(
+    group_name="ads",
+    kinds={"meta", "duckdb"},
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="duckdb",
+)
+def meta_ad_insights(
+    context: dg.AssetExecutionContext,
+    optimizer: OptimizerResource,
+    meta: MetaResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    """Daily ad-level insights; re-materializing a day replaces that day only. A backfill runs
+    as one run over its whole range (one insights request series per account)."""
+    window = context.partition_time_window
+    since, until = window.start.date(), (window.end - timedelta(days=1)).date()
+    days = [since + timedelta(days=i) for i in range((until - since).days + 1)]
+    frames = []
+    with meta.graph() as graph:
+        for account in managed_accounts(optimizer, meta):
+            raw = graph.insights(account.account_id, since, until)
+            frames.append(ads_domain.insights_rows(raw, account.account_id))
+        http_requests = graph.request_count
+    rows = pl.concat(frames) if frames else pl.DataFrame(schema=ads_domain.INSIGHTS_SCHEMA)
+    warehouse.get().replace_where("meta_ad_insights", rows, "date", days)
+    return dg.MaterializeResult(
+        metadata={
+            "row_count": rows.height,
+            "days": len(days),
+            "spend": float(rows["spend"].sum()),
+            "clicks": int(rows["clicks"].sum()),
+            "impressions": int(rows["impressions"].sum()),
+            "http_requests": http_requests,
+            "window_start": dg.MetadataValue.timestamp(window.start),
+            "window_end": dg.MetadataValue.timestamp(window.end),
+        }
+    )
+
+
+assets = ingestion_assets = [
+    hubspot_deals,
+    deal_stage_events,
+    hubspot_contacts,
+    meta_ads,
+    meta_leads,
+    meta_ad_insights,
+]
