@@ -41,6 +41,18 @@ def sandbox_serve(host, port, seed, accounts, ads_per_account, speed) -> None:
     serve(host=host, port=port, config=WorldConfig(**overrides), speed=speed)
 
 
+@sandbox.command("accounts")
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--accounts", default=None, type=int, help="Number of ad accounts (default 3).")
+def sandbox_accounts(seed: int, accounts: int | None) -> None:
+    """Print the data/accounts.yaml entries that describe a sandbox world's accounts."""
+    from optimizer_assets.sandbox.settings_file import settings_yaml
+    from optimizer_assets.sandbox.world import World, WorldConfig
+
+    config = WorldConfig(seed=seed, **({"accounts": accounts} if accounts else {}))
+    click.echo(settings_yaml(World(config).accounts()), nl=False)
+
+
 @main.command()
 @click.option("--days", default=30, show_default=True, type=int, help="Simulated days to run.")
 @click.option("--seed", default=7, show_default=True, type=int)
@@ -105,6 +117,33 @@ def ui(port: int, sandbox_port: int, speed: float, seed: int) -> None:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+@main.group()
+def webhook() -> None:
+    """The HubSpot webhook receiver: signed deal changes -> warehouse landing table."""
+
+
+@webhook.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8766, show_default=True, type=int)
+@click.option(
+    "--public-url",
+    default=None,
+    help="Public base URL HubSpot posts to, behind a proxy [$OPTIMIZER_WEBHOOK_PUBLIC_URL].",
+)
+@click.option(
+    "--warehouse", default=None, help="DuckDB file; default $OPTIMIZER_WAREHOUSE or data/."
+)
+def webhook_serve(host: str, port: int, public_url: str | None, warehouse: str | None) -> None:
+    """Receive HubSpot webhooks on HOST:PORT/webhooks/hubspot (secret: $HUBSPOT_CLIENT_SECRET)."""
+    from optimizer_assets.webhooks.receiver import ConfigError, ReceiverSettings, serve
+
+    try:
+        settings = ReceiverSettings.from_env(public_base_url=public_url, warehouse_path=warehouse)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    serve(host=host, port=port, settings=settings)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,15 @@ def test_bad_file_names_line_and_reason(tmp_path, text, line, reason):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_checked_in_accounts_describe_the_default_sandbox():
+    from optimizer_assets.sandbox.settings_file import account_entries
+    from optimizer_assets.sandbox.world import World, WorldConfig
+
+    settings = load_settings(DEFAULT_SETTINGS_PATH)
+    expected = account_entries(World(WorldConfig()).accounts())
+    assert [a.account_id for a in settings.accounts] == [e["account_id"] for e in expected]
+    assert settings.pipeline_accounts() == {
+        e["hubspot_pipeline_id"]: e["account_id"] for e in expected
+    }
