@@ -81,7 +81,7 @@ _WS = r"[ \t\n\r\x0b\x0c\x1c-\x1f]"
 _NWS = r"[^ \t\n\r\x0b\x0c\x1c-\x1f]"
 _ASCII_PUNCT_SYMBOLS = r"""!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~"""  # ASCII categories P* and S*
 
-# ASCII plus Latin letters and combining accents (U+00C0-024F without x and /, U+0300-036F,
+# ASCII plus Latin letters and combining accents (U+00C0-024F but U+00D7, U+00F7; U+0300-036F;
 # U+1E00-1EFF): no whitespace, punctuation or symbols, and case mappings that Python and polars
 # agree on char by char; such text may take the polars expressions. Anything else goes scalar.
 _SIMPLE_TEXT = (
@@ -243,8 +243,11 @@ def _phone_fast(digits: str, intl: bool, region: _Region) -> str | None:
     cc, trunk, lengths = region.calling_code, region.trunk_prefix, region.lengths
     if cc is None:
         return None
-    if trunk and digits.startswith(trunk) and len(digits) - len(trunk) in lengths:
-        return cc + digits[len(trunk) :]
+    if trunk and digits.startswith(trunk):
+        # national number after the trunk prefix; anything odd (e.g. "8 0152..." in by, whose
+        # trunk prefixes are "8" and "80") is left to phonenumbers
+        rest = digits[len(trunk) :]
+        return cc + rest if len(rest) in lengths and not rest.startswith("0") else None
     if len(digits) in lengths:
         return cc + digits
     if digits.startswith(cc) and len(digits) - len(cc) in lengths:
@@ -321,17 +324,6 @@ def _hash_one(key: str, value: str, region: _Region) -> str | None:
     return _sha256(normalized) if normalized else None
 
 
-def normalized_value(key: str, value: str, *, default_country: str = "us") -> str | None:
-    """The normalized text of one value before hashing (what the SHA-256 is taken of).
-
-    For debugging and tests only: never log or store what this returns, it is raw PII.
-    """
-    if key not in _NORMALIZERS:
-        raise ValueError(f"{key!r} is not a hashed user_data key")
-    t = value.strip().lower()
-    return _NORMALIZERS[key](t, _region(default_country)) if t else None
-
-
 def _values(key: str, raw: object) -> list[str]:
     if raw is None:
         return []
@@ -393,6 +385,11 @@ def normalize_user_data(raw: Mapping[str, str | list[str]], *, default_country: 
 # Vectorized hashing of whole frames
 
 
+def _is_hex64(expr: pl.Expr) -> pl.Expr:
+    """A lowercase 64-hex digest."""
+    return expr.str.contains("^[0-9a-f]{64}$")
+
+
 def _sha256_each(values: pl.Series) -> pl.Series:
     sha = hashlib.sha256
     digests = [None if v is None else sha(v).digest() for v in values.cast(pl.Binary).to_list()]
@@ -435,9 +432,17 @@ def _ascii_phone(frame: pl.DataFrame, region: _Region) -> pl.DataFrame:
     fast: Any = pl.when(pl.col("intl")).then(digits.str.strip_chars_start("0"))
     if cc is not None:
         if trunk:
-            fast = fast.when(
-                digits.str.starts_with(trunk) & (n_len - len(trunk)).is_in(lengths)
-            ).then(pl.lit(cc) + digits.str.slice(len(trunk)))
+            rest = digits.str.slice(len(trunk))
+            fast = (
+                fast.when(
+                    digits.str.starts_with(trunk)
+                    & (n_len - len(trunk)).is_in(lengths)
+                    & ~rest.str.starts_with("0")
+                )
+                .then(pl.lit(cc) + rest)
+                .when(digits.str.starts_with(trunk))
+                .then(pl.lit(None, dtype=pl.String))
+            )
         fast = fast.when(n_len.is_in(lengths)).then(pl.lit(cc) + digits)
         fast = fast.when(digits.str.starts_with(cc) & (n_len - len(cc)).is_in(lengths)).then(digits)
     frame = frame.with_columns(fast=fast.otherwise(None))
@@ -484,7 +489,7 @@ def _hash_series(s: pl.Series, key: str, region: _Region) -> pl.Series:
         is_simple=raw.str.contains(_SIMPLE_TEXT),
         t=raw.str.strip_chars(_ASCII_WS).str.to_lowercase(),
     )
-    frame = frame.with_columns(hexed=pl.col("t").str.contains("^[0-9a-f]{64}$"))
+    frame = frame.with_columns(hexed=_is_hex64(pl.col("t")))
     frame = _ascii_normalized(frame, key, region)
     needs = (~frame["is_simple"] | frame["needs_scalar"]).fill_null(False)
     via_scalar = _lookup(s, needs, scalar)
@@ -662,26 +667,27 @@ def fbc_expr(fbclid: str | pl.Expr, created_at: str | pl.Expr, subdomain_index: 
     return pl.when(clean != "").then(fbc)
 
 
-def _event_key(deal_id: str, from_stage: str | None, to_stage: str, occurred_us: int) -> str:
-    return "\x1f".join((str(deal_id), from_stage or "", str(to_stage), str(occurred_us)))
+def _event_key(deal_id: str, to_stage: str, occurred_us: int) -> str:
+    return "\x1f".join((str(deal_id), str(to_stage), str(occurred_us)))
 
 
 def event_id(deal_id: str, from_stage: str | None, to_stage: str, occurred_at: datetime) -> str:
     """Deterministic 32-hex id of one stage change: same deal + same change -> same id, any run.
 
-    SHA-256 of ``deal_id, from_stage ('' at creation), to_stage, occurred_at in epoch us``.
+    SHA-256 of ``deal_id, to_stage, occurred_at in epoch us``: a change is the deal ENTERING a
+    stage at a moment. ``from_stage`` is accepted but not hashed: a late-arriving earlier state
+    changes what the change came from, never which change it is (one CAPI event per entry).
     """
     occurred_us = (_as_utc(occurred_at) - _EPOCH) // timedelta(microseconds=1)
-    return _sha256(_event_key(deal_id, from_stage, to_stage, occurred_us))[:32]
+    return _sha256(_event_key(deal_id, to_stage, occurred_us))[:32]
 
 
 def event_id_expr_frame(df: pl.DataFrame) -> pl.Series:
-    """Vectorized event_id over deal_id, from_stage, to_stage, occurred_at columns."""
+    """Vectorized event_id over a frame with deal_id, to_stage, occurred_at (from_stage unused)."""
     key = df.select(
         pl.concat_str(
             [
                 pl.col("deal_id").cast(pl.String),
-                pl.col("from_stage").cast(pl.String).fill_null(""),
                 pl.col("to_stage").cast(pl.String),
                 pl.col("occurred_at").dt.epoch("us").cast(pl.String),
             ],
@@ -822,7 +828,7 @@ def build_events(
     occurred_s = pl.col("occurred_at").dt.epoch("s")
     created_s = pl.col("contact_created_at").dt.epoch("s")
     hex_ok = {
-        c: pl.col(c).is_null() | pl.col(c).str.contains("^[0-9a-f]{64}$")
+        c: pl.col(c).is_null() | _is_hex64(pl.col(c))
         for c in ("email_sha256", "phone_sha256", "fn_sha256", "ln_sha256")
     }
     won = (
@@ -886,48 +892,53 @@ def build_events(
     def hashed_list(column: str, key: str) -> pl.Expr:
         return _json_field(key, pl.concat_str([pl.lit('["'), pl.col(column), pl.lit('"]')]))
 
-    user_data = pl.concat_str(
-        [
-            hashed_list("email_sha256", "em"),
-            hashed_list("phone_sha256", "ph"),
-            hashed_list("fn_sha256", "fn"),
-            hashed_list("ln_sha256", "ln"),
-            _json_field("fbc", _json_string(pl.col("fbc"))),
-            _json_field("lead_id", pl.col("lead_id")),
-        ],
-        separator=",",
-        ignore_nulls=True,
+    # JSON pieces are materialized one step at a time (one large nested expression is slower)
+    good = good.with_columns(
+        currency=pl.when(pl.col("value").is_not_null()).then(pl.col("currency")),
+        name_json=_json_string(pl.col("event_name")),
+        fbc_json=_json_string(pl.col("fbc")),
     )
-    custom_data = pl.concat_str(
-        [
-            pl.lit(f'"event_source":"crm","lead_event_source":{json.dumps(lead_event_source)}'),
-            _json_field("value", pl.col("value").cast(pl.String)),
-            pl.when(pl.col("value").is_not_null()).then(
-                _json_field("currency", _json_string(pl.col("currency")))
-            ),
-        ],
-        separator=",",
-        ignore_nulls=True,
+    good = good.with_columns(
+        user_json=pl.concat_str(
+            [
+                hashed_list("email_sha256", "em"),
+                hashed_list("phone_sha256", "ph"),
+                hashed_list("fn_sha256", "fn"),
+                hashed_list("ln_sha256", "ln"),
+                _json_field("fbc", pl.col("fbc_json")),
+                _json_field("lead_id", pl.col("lead_id")),
+            ],
+            separator=",",
+            ignore_nulls=True,
+        ),
+        custom_json=pl.concat_str(
+            [
+                pl.lit(f'"event_source":"crm","lead_event_source":{json.dumps(lead_event_source)}'),
+                _json_field("value", pl.col("value").cast(pl.String)),
+                _json_field("currency", pl.concat_str([pl.lit('"'), "currency", pl.lit('"')])),
+            ],
+            separator=",",
+            ignore_nulls=True,
+        ),
     )
     payload = pl.concat_str(
         [
-            pl.lit("{"),
-            _json_field("event_name", _json_string(pl.col("event_name"))),
-            pl.lit(","),
-            _json_field("event_time", pl.col("event_time").cast(pl.String)),
+            pl.lit('{"event_name":'),
+            pl.col("name_json"),
+            pl.lit(',"event_time":'),
+            pl.col("event_time").cast(pl.String),
             pl.lit(',"event_id":"'),
             pl.col("event_id"),
             pl.lit(f'","action_source":"{ACTION_SOURCE}","user_data":{{'),
-            user_data,
+            pl.col("user_json"),
             pl.lit('},"custom_data":{'),
-            custom_data,
+            pl.col("custom_json"),
             pl.lit("}}"),
         ]
     )
-    events = good.with_columns(
-        currency=pl.when(pl.col("value").is_not_null()).then(pl.col("currency")),
-        payload=payload,
-    ).select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()])
+    events = good.with_columns(payload=payload).select(
+        [pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()]
+    )
     return events, rejected
 
 
@@ -1084,3 +1095,160 @@ def contains_unhashed_identifier(payload: Any) -> list[str]:
 
     walk(payload, "", None)
     return problems
+
+
+_KEY_ALT = "|".join(HASHED_KEYS)
+_HASHED_KEY_RE = rf'"(?:{_KEY_ALT})"\s*:'
+_DIGEST_RE = r'"[0-9a-f]{64}"'
+_HASHED_FIELD_OK_RE = (
+    rf"{_HASHED_KEY_RE}\s*(?:\[\s*{_DIGEST_RE}(?:\s*,\s*{_DIGEST_RE})*\s*\]|{_DIGEST_RE})"
+)
+_NUMBER_RE = r"-?[0-9][0-9.eE+\-]*"
+# fields the exact check never flags: id-like keys (string or number) and numeric amounts
+_SAFE_FIELD_RE = (
+    rf'"(?:{"|".join(sorted(_SAFE_KEYS))})"\s*:\s*(?:"(?:[^"\\]|\\.)*"|{_NUMBER_RE})'
+    rf'|"(?:event_time|value)"\s*:\s*{_NUMBER_RE}'
+)
+
+
+def unhashed_identifier_problems(
+    events: pl.DataFrame, *, payload: str = "payload", id_column: str = "event_id"
+) -> pl.DataFrame:
+    """contains_unhashed_identifier over a whole events frame: (``id_column``, problem) rows.
+
+    A vectorized scan of the JSON text picks the suspects (a hashed key whose value is not a
+    digest list, an '@' or a phone-like digit run outside the id fields, any \\u escape); only
+    those are parsed and checked exactly, so a clean frame costs no per-event Python. The scan
+    flags a superset of what the exact check finds; the answer is the exact check's.
+    """
+    schema = {id_column: pl.String, "problem": pl.String}
+    if events.height == 0:
+        return pl.DataFrame(schema=schema)
+    text = pl.col(payload)
+    scan = events.select(
+        id_column,
+        payload,
+        _keys=text.str.count_matches(_HASHED_KEY_RE),
+        _rest=text.str.replace_all(_SAFE_FIELD_RE, ""),
+    ).with_columns(
+        _digests=pl.col("_rest").str.count_matches(_HASHED_FIELD_OK_RE),
+        _rest=pl.col("_rest").str.replace_all(_HASHED_FIELD_OK_RE, ""),
+    )
+    rest = pl.col("_rest")
+    # a run of phone characters is a (superset) sign of a raw phone; the exact check counts digits
+    suspect = (
+        (pl.col("_keys") != pl.col("_digests"))
+        | rest.str.contains("@", literal=True)
+        | rest.str.contains(_PHONE_RUN.pattern)
+        | text.str.contains("\\u", literal=True)
+        | text.is_null()
+    )
+    events = scan.filter(suspect.fill_null(True))
+    rows: list[tuple[str, str]] = []
+    for key, body in events.select(id_column, payload).iter_rows():
+        try:
+            found = contains_unhashed_identifier(json.loads(body))
+        except (TypeError, ValueError):
+            found = ["payload: not valid JSON"]
+        rows.extend((key, problem) for problem in found)
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+# ---------------------------------------------------------------------------------------------
+# Warehouse tables -> the stage changes build_events takes
+
+
+def crm_stage_changes(
+    revenue: pl.DataFrame,
+    stage_values: pl.DataFrame,
+    attribution: pl.DataFrame,
+    contacts: pl.DataFrame,
+    leads: pl.DataFrame,
+) -> pl.DataFrame:
+    """Valued stage changes with the identity of the person behind each deal.
+
+    Inputs are warehouse tables: ``revenue`` (synthetic_revenue: deal_id, account_id, pipeline,
+    from_stage, to_stage, occurred_at, value_after, currency), ``stage_values`` (pipeline,
+    stage_id, label, stage), ``attribution`` (attributed_revenue: deal_id, contact_id, lead_id;
+    the contact the deal was attributed through), ``contacts`` (hubspot_contacts) and ``leads``
+    (meta_leads). Returns ``STAGE_CHANGE_COLUMNS`` plus ``event_id`` and ``account_id``, one row
+    per change: ``stage_name`` is the HubSpot stage label, ``value`` the stage's synthetic value,
+    ``is_won`` when the stage maps to closed_won; identities are the contact's hashes, filled from
+    its Meta lead-form lead where the contact lacks them; ``contact_created_at`` is the earlier
+    of the contact's and the lead's creation (events must come after the lead).
+    """
+    rev = _frame(
+        revenue,
+        {
+            "deal_id": pl.String,
+            "account_id": pl.String,
+            "pipeline": pl.String,
+            "from_stage": pl.String,
+            "to_stage": pl.String,
+            "occurred_at": pl.Datetime("us", "UTC"),
+            "value_after": pl.Float64,
+            "currency": pl.String,
+        },
+    )
+    stages = _frame(
+        stage_values,
+        {"pipeline": pl.String, "stage_id": pl.String, "label": pl.String, "stage": pl.String},
+    ).unique(subset=["pipeline", "stage_id"], keep="first")
+    who = (
+        _frame(attribution, {"deal_id": pl.String, "contact_id": pl.String, "lead_id": pl.String})
+        .sort("deal_id", "contact_id", nulls_last=True)
+        .unique(subset="deal_id", keep="first")
+        .rename({"lead_id": "_att_lead"})
+    )
+    ident = ("email_sha256", "phone_sha256", "fn_sha256", "ln_sha256")
+    person = _frame(
+        contacts,
+        {
+            "contact_id": pl.String,
+            "created_at": pl.Datetime("us", "UTC"),
+            **dict.fromkeys(ident, pl.String),
+            "fbclid": pl.String,
+            "fbc": pl.String,
+            "lead_id": pl.String,
+        },
+    ).unique(subset="contact_id", keep="last")
+    lead = _frame(
+        leads,
+        {
+            "lead_id": pl.String,
+            "created_at": pl.Datetime("us", "UTC"),
+            **dict.fromkeys(ident, pl.String),
+        },
+    ).unique(subset="lead_id", keep="first")
+    joined = (
+        rev.join(
+            stages, left_on=["pipeline", "to_stage"], right_on=["pipeline", "stage_id"], how="left"
+        )
+        .join(who, on="deal_id", how="left")
+        .join(person, on="contact_id", how="left")
+        .with_columns(lead_id=pl.coalesce("_att_lead", "lead_id"))
+        .join(lead, on="lead_id", how="left", suffix="_lead")
+    )
+    out = joined.with_columns(
+        [pl.coalesce(c, f"{c}_lead").alias(c) for c in ident]
+        + [
+            pl.col("label").alias("stage_name"),
+            pl.col("value_after").alias("value"),
+            (pl.col("stage") == "closed_won").fill_null(False).alias("is_won"),
+            pl.min_horizontal("created_at", "created_at_lead").alias("contact_created_at"),
+        ]
+    )
+    out = out.with_columns(event_id_expr_frame(out))
+    return out.select("event_id", "account_id", *STAGE_CHANGE_COLUMNS)
+
+
+def _frame(df: pl.DataFrame, schema: Mapping[str, Any]) -> pl.DataFrame:
+    """``schema`` columns of ``df`` cast to their types; missing ones are null."""
+    if not df.columns:  # a table not created yet: no rows (literals alone would make one)
+        return pl.DataFrame(schema=dict(schema))
+    return df.select(
+        [
+            pl.col(c).cast(t) if c in df.columns else pl.lit(None, dtype=t).alias(c)
+            for c, t in schema.items()
+        ]
+    )
