@@ -34,6 +34,7 @@ class AccountSettings(_Strict):
     account_id: str = Field(pattern=r"^\d{1,20}$", description="Meta ad account id, no 'act_'")
     name: str = ""
     hubspot_pipeline_id: str | None = None
+    pixel_id: str | None = Field(default=None, pattern=r"^\d{1,20}$")
     currency: str = "USD"
     timezone: str = "UTC"
     default_country: str = "us"
@@ -169,5 +170,6 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
             raise fail(("accounts", i, "account_id"), f"duplicate account {account.account_id}")
         seen.add(account.account_id)
         accounts.append(account)
-    defaults_dict = defaults.model_dump(exclude={"account_id", "name", "hubspot_pipeline_id"})
+    per_account = {"account_id", "name", "hubspot_pipeline_id", "pixel_id"}
+    defaults_dict = defaults.model_dump(exclude=per_account)
     return Settings(path=path, defaults=defaults_dict, accounts=tuple(accounts))

@@ -55,10 +55,13 @@ class Warehouse:
         self, table: str, where: str | None = None, params: Sequence | None = None
     ) -> pl.DataFrame:
         """The whole table (or the rows matching ``where``); an empty frame if it does not exist."""
-        if not self.has_table(table):
-            return pl.DataFrame()
         sql = f"SELECT * FROM {_ident(table)}" + (f" WHERE {where}" if where else "")
-        return self.query(sql, params)
+        try:  # one connection in the common case; the catalog is only asked on a miss
+            return self.query(sql, params)
+        except duckdb.CatalogException:
+            if self.has_table(table):
+                raise
+            return pl.DataFrame()
 
     def query(self, sql: str, params: Sequence | None = None) -> pl.DataFrame:
         with self.connect(read_only=True) as con:

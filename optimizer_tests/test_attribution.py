@@ -499,4 +499,14 @@ def test_attribution_module_never_iterates_over_rows() -> None:
                 "('email', 'phone')",
                 "schema.items()",
                 "(known, l3_rows, unattributed)",
+                # the layer-3 calibration grid: a few hyper-parameter values
+                "SMOOTHING_GRID",
+                "PROPENSITY_GRID",
+                "KNOWN_GRID",
             }, source
+
+
+def test_tables_not_created_yet_give_no_rows() -> None:
+    empty = pl.DataFrame()  # what Warehouse.read answers for a missing table
+    assert attribute(empty, empty, empty, empty, empty, empty).height == 0
+    assert attribute_value(empty, empty).height == 0

@@ -300,3 +300,23 @@ def test_slice_starting_mid_history_measures_from_the_from_stage() -> None:
     )
     revenue, _ = synthetic_revenue(events.tail(1), _SANDBOX_VALUES, _NO_DEALS)
     assert revenue["value_delta"].to_list() == [6_750.0]
+
+
+def test_tables_not_created_yet_give_no_rows() -> None:
+    empty = pl.DataFrame()  # what Warehouse.read answers for a missing table
+    revenue, unknown = synthetic_revenue(empty, empty, empty)
+    assert revenue.height == 0 and unknown.height == 0
+
+
+def test_preset_names_of_the_settings_file_and_overrides() -> None:
+    from optimizer_assets.domain.revenue import PRESETS, preset_table
+
+    assert {"service_business", "ecommerce", "b2b_saas"} <= set(PRESETS)
+    assert preset_table("service") == PRESETS["service_business"]  # short alias
+    table = preset_table("service_business", {"Show up": 8_000, "closed_won": 12_000})
+    assert table["show_up"].value == 8_000 and table["show_up"].confidence == 0.6
+    assert table["closed_won"].value == 12_000 and table["closed_won"].amount_share == 1.0
+    with pytest.raises(ValueError, match="not a stage of the preset"):
+        preset_table("service_business", {"demo_scheduled": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        preset_table("b2b_saas", {"sql": -5})

@@ -14,7 +14,7 @@ import polars as pl
 import requests
 
 from optimizer_assets.defs.resources import OptimizerResource, WarehouseResource
-from optimizer_assets.defs.revenue import md_table, synthetic_revenue
+from optimizer_assets.defs.revenue import md_table, read_tables, synthetic_revenue
 from optimizer_assets.domain import attribution as attribution_domain
 from optimizer_assets.domain import revenue as revenue_domain
 
@@ -40,24 +40,20 @@ def truth_score(optimizer: OptimizerResource, credits: pl.DataFrame, values: pl.
     if optimizer.mode != "sandbox":
         return {}
     schema = {"deal_id": pl.Utf8, "true_ad_id": pl.Utf8, "value_if_won": pl.Float64}
-    rows = sandbox_truth(optimizer, "deals")["data"]
-    truth = pl.DataFrame(
-        [{k: row.get(k) for k in schema} for row in rows], schema=schema, orient="row"
-    )
+    truth = pl.from_dicts(sandbox_truth(optimizer, "deals")["data"], schema=schema)
     # only deals the warehouse knows: truth of deals not ingested yet is not a miss
     truth = truth.join(values.select("deal_id"), on="deal_id", how="semi")
     return attribution_domain.score_against_truth(credits, truth, values)
 
 
-def _read_inputs(wh) -> dict[str, pl.DataFrame]:
-    return {
-        "deals": wh.read("hubspot_deals"),
-        "deal_contacts": wh.read("deal_contacts"),
-        "contacts": wh.read("hubspot_contacts"),
-        "leads": wh.read("meta_leads"),
-        "insights": wh.read("meta_ad_insights"),
-        "ads": wh.read("meta_ads"),
-    }
+INPUT_TABLES = {  # attribute() argument -> warehouse table
+    "deals": "hubspot_deals",
+    "deal_contacts": "deal_contacts",
+    "contacts": "hubspot_contacts",
+    "leads": "meta_leads",
+    "insights": "meta_ad_insights",
+    "ads": "meta_ads",
+}
 
 
 def layer_metadata(summary: pl.DataFrame) -> dict:
@@ -88,8 +84,11 @@ def attributed_revenue(
 ) -> dg.MaterializeResult:
     """Per (deal, ad): credit (summing to 1 per deal), layer, method, confidence, value."""
     wh, now = warehouse.get(), optimizer.now()
-    revenue = wh.read("synthetic_revenue")
-    credits = attribution_domain.attribute(**_read_inputs(wh))
+    revenue, *inputs = read_tables(wh, "synthetic_revenue", *INPUT_TABLES.values())
+    diagnostics: dict = {}
+    credits = attribution_domain.attribute(
+        **dict(zip(INPUT_TABLES, inputs, strict=True)), diagnostics=diagnostics
+    )
     values = revenue_domain.deal_values(revenue) if revenue.height else _no_values()
     rows = credits.join(
         values.select("deal_id", pl.col("value").alias("deal_value"), "currency"),
@@ -113,14 +112,13 @@ def attributed_revenue(
             for n in range(4)
         },
         "layers": md_table(summary),
+        **{f"layer3_{k}": float(v) for k, v in diagnostics.items() if isinstance(v, float)},
     }
     score = truth_score(optimizer, credits, values)
     if score:
-        metadata |= {
-            "recovery": score["recovery"] or 0.0,
-            "precision_l12": score["precision_l12"] or 0.0,
-            "layer3_recovery": score["layer3_recovery"] or 0.0,
-        }
+        # a metric with nothing to measure yet (no valued deal) is left out, not plotted as 0
+        keys = ("recovery", "precision_l12", "layer3_recovery")
+        metadata |= {k: float(score[k]) for k in keys if score.get(k) is not None}
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -140,8 +138,7 @@ def truth_check_result(score: dict) -> dg.AssetCheckResult:
         "recovery_deals": float(score.get("recovery_deals") or 0.0),
         "deals_scored": int(score.get("deals") or 0),
         **{
-            f"layer{n}_recovery": float(score.get(f"layer{n}_recovery") or 0.0)
-            for n in range(1, 4)
+            f"layer{n}_recovery": float(score.get(f"layer{n}_recovery") or 0.0) for n in range(1, 4)
         },
     }
     # no layer 1-2 deals yet: nothing to be imprecise about
@@ -159,9 +156,7 @@ def attribution_matches_truth(
     """Compare the stored attribution with ``/_sandbox/truth/deals`` (sandbox mode only)."""
     if optimizer.mode != "sandbox":
         return dg.AssetCheckResult(passed=True, metadata={"skipped": "live mode"})
-    wh = warehouse.get()
-    credits = wh.read("attributed_revenue")
-    revenue = wh.read("synthetic_revenue")
+    credits, revenue = read_tables(warehouse.get(), "attributed_revenue", "synthetic_revenue")
     values = revenue_domain.deal_values(revenue) if revenue.height else _no_values()
     return truth_check_result(truth_score(optimizer, credits, values))
 

@@ -10,7 +10,6 @@ every outcome in the warehouse ledger ``capi_ledger`` (keyed by event_id), so an
 is never sent twice, whatever run sends it.
 """
 
-import json
 from datetime import timedelta
 
 import dagster as dg
@@ -20,8 +19,10 @@ import requests
 from optimizer_assets.clients.errors import CapiRejectedError
 from optimizer_assets.defs.attribution import attributed_revenue, sandbox_truth
 from optimizer_assets.defs.resources import MetaResource, OptimizerResource, WarehouseResource
-from optimizer_assets.defs.revenue import md_table, synthetic_revenue
+from optimizer_assets.defs.revenue import md_table, read_tables, synthetic_revenue
+from optimizer_assets.domain import attribution as attribution_domain
 from optimizer_assets.domain import capi as capi_domain
+from optimizer_assets.warehouse import Warehouse
 
 DAY = timedelta(hours=24)
 LEDGER = "capi_ledger"
@@ -86,20 +87,49 @@ def pixel_ids(
 
 def _pending_changes(wh) -> pl.DataFrame:
     """Stage changes with their identities, minus those already in the ledger or given up."""
-    changes = capi_domain.crm_stage_changes(
-        wh.read("synthetic_revenue"),
-        wh.read("stage_values"),
-        wh.read("attributed_revenue"),
-        wh.read("hubspot_contacts"),
-        wh.read("meta_leads"),
+    revenue, stages, attributed, contacts, leads, ledger, not_sent = read_tables(
+        wh,
+        "synthetic_revenue",
+        "stage_values",
+        "attributed_revenue",
+        "hubspot_contacts",
+        "meta_leads",
+        LEDGER,
+        "capi_not_sent",
     )
-    done = [wh.read(LEDGER).select("event_id")] if wh.has_table(LEDGER) else []
-    if wh.has_table("capi_not_sent"):
-        dropped = wh.read("capi_not_sent").filter(pl.col("reason").is_in(PERMANENT_REASONS))
-        done.append(dropped.select("event_id"))
+    changes = capi_domain.crm_stage_changes(revenue, stages, attributed, contacts, leads)
+    done = [ledger.select("event_id")] if ledger.height else []
+    if not_sent.height:
+        done.append(not_sent.filter(pl.col("reason").is_in(PERMANENT_REASONS)).select("event_id"))
     if not done:
         return changes
     return changes.join(pl.concat(done), on="event_id", how="anti")
+
+
+def _route_to_pixels(
+    events: pl.DataFrame,
+    not_sent: pl.DataFrame,
+    accounts: pl.DataFrame,
+    pixels: dict[str, str],
+    now,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Events with their account's pixel_id; those of accounts without a pixel join the
+    not-sent changes (reason ``no_pixel``), which get their account and ``checked_at``."""
+    events = events.join(accounts, on="event_id", how="left").with_columns(
+        pixel_id=pl.col("account_id").replace_strict(pixels, default=None, return_dtype=pl.Utf8)
+    )
+    no_pixel = events.filter(pl.col("pixel_id").is_null())
+    not_sent = pl.concat(
+        [
+            not_sent.join(accounts, on="event_id", how="left"),
+            no_pixel.select(
+                [pl.col(c) for c in capi_domain.REJECTED_SCHEMA if c in no_pixel.columns]
+                + [pl.col("account_id")]
+            ).with_columns(reason=pl.lit("no_pixel")),
+        ],
+        how="diagonal_relaxed",
+    ).with_columns(checked_at=pl.lit(now).cast(pl.Datetime("us", "UTC")))
+    return events.filter(pl.col("pixel_id").is_not_null()), not_sent
 
 
 @dg.asset(
@@ -119,21 +149,7 @@ def capi_events(
     )
     accounts = changes.select("event_id", "account_id").unique("event_id")
     pixels = pixel_ids(optimizer, meta, accounts["account_id"].drop_nulls().unique().to_list())
-    events = events.join(accounts, on="event_id", how="left").with_columns(
-        pixel_id=pl.col("account_id").replace_strict(pixels, default=None, return_dtype=pl.Utf8)
-    )
-    no_pixel = events.filter(pl.col("pixel_id").is_null())
-    not_sent = pl.concat(
-        [
-            not_sent.join(accounts, on="event_id", how="left"),
-            no_pixel.select(
-                [pl.col(c) for c in capi_domain.REJECTED_SCHEMA if c in no_pixel.columns]
-                + [pl.col("account_id")]
-            ).with_columns(reason=pl.lit("no_pixel")),
-        ],
-        how="diagonal_relaxed",
-    ).with_columns(checked_at=pl.lit(now).cast(pl.Datetime("us", "UTC")))
-    events = events.filter(pl.col("pixel_id").is_not_null())
+    events, not_sent = _route_to_pixels(events, not_sent, accounts, pixels, now)
     wh.replace("capi_events", events)
     if not_sent.height:
         wh.upsert("capi_not_sent", not_sent.select(list(NOT_SENT_SCHEMA)), ["event_id"])
@@ -154,13 +170,9 @@ def capi_events(
 
 def payload_problems(events: pl.DataFrame) -> pl.DataFrame:
     """Events whose payload would carry an unhashed identifier: event_id, problem (no values)."""
-    rows = []
-    if events.height and "payload" in events.columns:
-        # per event: the check inspects what would actually be sent, key by key
-        for event_id, payload in events.select("event_id", "payload").iter_rows():
-            for problem in capi_domain.contains_unhashed_identifier(json.loads(payload)):
-                rows.append({"event_id": event_id, "problem": problem})
-    return pl.DataFrame(rows, schema={"event_id": pl.Utf8, "problem": pl.Utf8}, orient="row")
+    if events.is_empty() or "payload" not in events.columns:
+        return pl.DataFrame(schema={"event_id": pl.Utf8, "problem": pl.Utf8})
+    return capi_domain.unhashed_identifier_problems(events)
 
 
 @dg.asset_check(
@@ -170,7 +182,7 @@ def payload_problems(events: pl.DataFrame) -> pl.DataFrame:
 )
 def capi_payloads_hashed(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     """Blocking: a raw identifier in any payload stops capi_uploads before anything is sent."""
-    problems = payload_problems(warehouse.get().read("capi_events"))
+    problems = payload_problems(read_tables(warehouse.get(), "capi_events")[0])
     return dg.AssetCheckResult(
         passed=problems.is_empty(),
         severity=dg.AssetCheckSeverity.ERROR,
@@ -249,9 +261,9 @@ def capi_uploads(
 ) -> dg.MaterializeResult:
     """Pending events sent to Meta; every outcome recorded in ``capi_ledger``."""
     wh, now = warehouse.get(), optimizer.now()
-    events = wh.read("capi_events")
-    if events.height and wh.has_table(LEDGER):  # uploads re-run alone: skip what went already
-        events = events.join(wh.read(LEDGER).select("event_id"), on="event_id", how="anti")
+    events, ledger_before = read_tables(wh, "capi_events", LEDGER)
+    if events.height and ledger_before.height:  # uploads re-run alone: skip what went already
+        events = events.join(ledger_before.select("event_id"), on="event_id", how="anti")
     with meta.capi() as capi:
         outcomes, stopped = send_pending(capi, events) if events.height else ([], None)
         requests_made = capi.request_count
@@ -269,11 +281,11 @@ def capi_uploads(
             "rejected": rejected.height,
             "http_requests": requests_made,
             "rejections": md_table(rejected.select("event_id", "deal_id", "event_name", "reason")),
-            "ledger_accepted_total": wh.query(
-                f"SELECT count(*) AS n FROM {LEDGER} WHERE status = 'accepted'"
-            )["n"][0]
-            if wh.has_table(LEDGER)
-            else 0,
+            "ledger_accepted_total": (
+                (ledger_before["status"] == "accepted").sum() if ledger_before.height else 0
+            )
+            + ledger.height
+            - rejected.height,
             **capi_match(optimizer),
         }
     )
@@ -281,3 +293,81 @@ def capi_uploads(
 
 assets = [capi_events, capi_uploads]
 asset_checks = [capi_payloads_hashed]
+
+
+def demo_report(world, warehouse: Warehouse) -> list[tuple[str, pl.DataFrame]]:
+    """`make demo` tables: per day, revenue, value per layer, recovery/precision vs the world's
+    truth (deals by creation day, final attribution), CAPI sent/accepted; match rate per pixel."""
+    revenue, daily, credits, deals, ledger = read_tables(
+        warehouse,
+        "synthetic_revenue",
+        "attributed_value_daily",
+        "attributed_revenue",
+        "hubspot_deals",
+        LEDGER,
+    )
+    if revenue.is_empty() or credits.is_empty():
+        return []
+    by_day = revenue.group_by(date=pl.col("occurred_at").dt.date()).agg(
+        revenue=pl.col("value_delta").sum()
+    )
+    layers = daily.group_by("date").agg(
+        *[
+            pl.col(f"value_layer{n}").sum().alias(f"L{n} $" if n else "unattributed $")
+            for n in (1, 2, 3, 0)
+        ]
+    )
+    truth = world.truth_deals().select("deal_id", "true_ad_id")
+    per_deal = (
+        credits.join(truth, on="deal_id")
+        .group_by("deal_id")
+        .agg(
+            pl.col("deal_value").first().fill_null(0.0),
+            pl.col("layer").first(),
+            hit=pl.col("credit").filter(pl.col("ad_id") == pl.col("true_ad_id")).sum(),
+        )
+        .join(deals.select("deal_id", date=pl.col("created_at").dt.date()), on="deal_id")
+    )
+    scores = per_deal.group_by("date").agg(
+        deals=pl.len(),
+        recovery=(pl.col("deal_value") * pl.col("hit")).sum() / pl.col("deal_value").sum(),
+        precision_l12=pl.col("hit").filter(pl.col("layer").is_in([1, 2])).mean(),
+    )
+    capi = (
+        # a run at midnight sends the day that just ended
+        ledger.group_by(date=(pl.col("sent_at") - timedelta(seconds=1)).dt.date()).agg(
+            capi_sent=pl.len(), capi_accepted=(pl.col("status") == "accepted").sum()
+        )
+        if ledger.height
+        else pl.DataFrame(
+            schema={"date": pl.Date, "capi_sent": pl.UInt32, "capi_accepted": pl.UInt32}
+        )
+    )
+    table = (
+        by_day.join(layers, on="date", how="full", coalesce=True)
+        .join(scores, on="date", how="full", coalesce=True)
+        .join(capi, on="date", how="full", coalesce=True)
+        .sort("date")
+        .with_columns(pl.col("recovery", "precision_l12").round(4))
+    )
+    match = world.capi_match()
+    pixels = pl.DataFrame(match.get("pixels") or []).drop("by_key", strict=False)
+    total = attribution_domain.score_against_truth(
+        credits, truth, credits.group_by("deal_id").agg(value=pl.col("deal_value").first())
+    )
+    summary = pl.DataFrame(
+        {
+            "metric": ["recovery", "precision layer 1-2", "CAPI match rate", "CAPI events"],
+            "value": [
+                total["recovery"],
+                total["precision_l12"],
+                match.get("match_rate"),
+                float(match.get("unique_events") or 0),
+            ],
+        }
+    )
+    return [
+        ("Revenue, attribution (vs sandbox truth) and CAPI uploads, per day", table),
+        ("Attribution and CAPI overall (sandbox truth)", summary),
+        ("CAPI events received per pixel and their match rate (sandbox truth)", pixels),
+    ]

@@ -5,7 +5,13 @@ Layer 1 (deterministic): the ad named by the contact's first-URL ``utm_content``
 Layer 2 (identity): the contact's hashed email / phone equals the hashed identity of a lead-form
 lead, or of another contact attributed at layer 1, created inside the window before the contact.
 Layer 3 (probabilistic): fractional credit over candidate ads (the campaign named by UTM or
-source data, else the account's ads with clicks then), weighted by time-decayed daily clicks.
+source data, else the account's ads with clicks then). Default weights (``landing_leads``): each
+candidate's landing-page leads on the contact's day (lead actions minus its lead-form leads, less
+a share of the leads already explained by layer-1 contacts) plus a smoothing share of the leads
+its clicks that day predict, times an optional deal propensity; the three parameters are chosen
+by the likelihood of the known ad of the layer-1 landing contacts, scored as if only their
+campaign were known (so the model also estimates its own layer-3 precision). Where no candidate
+has such a weight, and with ``weights="clicks"``, time-decayed daily clicks weigh them.
 
 Every deal's credits sum to 1, so value is conserved; deals that cannot be attributed come back
 as ``layer 0`` rows with a null ad and a ``reason``. Pure polars: no Dagster, no HTTP, no files.
@@ -113,6 +119,8 @@ _META_WORDS = r"(?i)facebook|instagram|meta|\bfb\b|\big\b"
 
 def _conform(df: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """Select ``schema`` columns with their types; absent columns become nulls."""
+    if not df.columns:  # a table not created yet: no rows (literals alone would make one)
+        return pl.DataFrame(schema=dict(schema))
     return df.select(
         [
             pl.col(c).cast(t) if c in df.columns else pl.lit(None, dtype=t).alias(c)
@@ -354,8 +362,9 @@ def _landing_features(
 # Layer-3 model grid (calibrated on layer-1 landing contacts, whose ad is known): smoothing
 # beta weighs the click-expected leads against the reported ones; power gamma weighs each
 # ad's deal propensity (its layer-1 deals per landing lead, shrunk by PROPENSITY_PRIOR leads).
-SMOOTHING_GRID = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0)
+SMOOTHING_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0)
 PROPENSITY_GRID = (0.0, 0.5, 1.0)
+KNOWN_GRID = (0.0, 0.35, 0.7, 1.0)
 PROPENSITY_PRIOR = 20.0
 _P_FLOOR = 1e-6  # probability floor of the true ad in the calibration log-likelihood
 
@@ -375,7 +384,7 @@ def _candidates(
 
 def _propensity(labeled: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
     """Per ad: layer-1 landing deals (``_n1``) and landing leads (``_land_tot``) + the mean."""
-    totals = features.group_by("ad_id").agg(pl.col("_land_tot").first())
+    totals = features.group_by("ad_id").agg(pl.col("_land_tot").max().fill_null(0.0))
     n1 = labeled.group_by(pl.col("_true_ad").alias("ad_id")).agg(_n1=pl.len().cast(pl.Float64))
     out = totals.join(n1, on="ad_id", how="full", coalesce=True).with_columns(
         pl.col("_land_tot", "_n1").fill_null(0.0)
@@ -391,6 +400,13 @@ def _propensity_expr(loo: pl.Expr | float = 0.0) -> pl.Expr:
     ) / (pl.col("_land_tot").fill_null(0.0) + PROPENSITY_PRIOR)
 
 
+def _weight_expr(beta: float, gamma: float, delta: float) -> pl.Expr:
+    """Layer-3 weight of a candidate ad for a contact of the day: (landing leads not explained
+    by known layer-1 contacts + beta x click-expected leads) x deal propensity ** gamma."""
+    unexplained = (pl.col("_land") - delta * pl.col("_k1").fill_null(0.0)).clip(0.0)
+    return (unexplained + beta * pl.col("_mu")) * _propensity_expr().pow(gamma)
+
+
 def _calibrate(
     labeled: pl.DataFrame,
     group_ads: pl.DataFrame,
@@ -398,12 +414,15 @@ def _calibrate(
     propensity: pl.DataFrame,
     sample: int,
 ) -> dict[str, float]:
-    """Grid-search (smoothing, propensity power) by the log-likelihood of the known ad.
+    """Grid-search (smoothing, propensity power, known share) by the likelihood of the known ad.
 
     ``labeled``: layer-1 landing contacts (``_g`` = their ad's campaign, ``_day``, ``_true_ad``);
-    each is scored as if only its campaign were known, exactly like a layer-3 contact.
+    each is scored as if only its campaign were known, exactly like a layer-3 contact, with its
+    own deal left out of every count it would otherwise be part of.
     """
-    picked = labeled.sort(pl.col("_key").hash(20261101)).head(sample)
+    picked = (
+        labeled.sort(pl.col("_key").hash(20261101)).head(sample).with_row_index("_i")
+    )  # a deterministic sample, integer keys
     rows = (
         picked.join(
             _candidates(picked.select("_g", "_day").unique(), group_ads, features),
@@ -411,26 +430,40 @@ def _calibrate(
         )
         .join(propensity, on="ad_id", how="left")
         .with_columns(_self=(pl.col("ad_id") == pl.col("_true_ad")).cast(pl.Float64))
-        .with_columns(_prop=_propensity_expr(pl.col("_self")))
     )
-    grid = pl.DataFrame(
-        [(b, g) for b in SMOOTHING_GRID for g in PROPENSITY_GRID],
-        schema={"_beta": pl.Float64, "_gamma": pl.Float64},
+    shape = pl.DataFrame(
+        [(g, k) for g in PROPENSITY_GRID for k in KNOWN_GRID],
+        schema={"_gamma": pl.Float64, "_delta": pl.Float64},
         orient="row",
     )
-    scored = (
-        rows.join(grid, how="cross")
-        .with_columns(
-            _w=(pl.col("_land") + pl.col("_beta") * pl.col("_mu"))
-            * pl.col("_prop").pow(pl.col("_gamma"))
+    # the weight is linear in beta: sum over candidates once per (gamma, delta), then any beta
+    unexplained = (pl.col("_land") - pl.col("_delta") * (pl.col("_k1") - pl.col("_self"))).clip(0.0)
+    prop = _propensity_expr(pl.col("_self")).pow(pl.col("_gamma"))
+    sums = (
+        rows.join(shape, how="cross")
+        .with_columns(_u=unexplained * prop, _v=pl.col("_mu") * prop)
+        .group_by("_i", "_gamma", "_delta")
+        .agg(
+            _a=pl.col("_u").sum(),
+            _b=pl.col("_v").sum(),
+            _at=(pl.col("_u") * pl.col("_self")).sum(),
+            _bt=(pl.col("_v") * pl.col("_self")).sum(),
         )
-        .group_by("_key", "_beta", "_gamma")
-        .agg(_p=pl.col("_w").filter(pl.col("_self") > 0).sum() / pl.col("_w").sum())
-        .with_columns(_ll=pl.col("_p").fill_nan(0.0).clip(_P_FLOOR).log())
-        .group_by("_beta", "_gamma")
-        .agg(pl.col("_ll").mean(), pl.col("_p").fill_nan(0.0).mean())
-        # best log-likelihood; ties: less smoothing, then no propensity
-        .sort(["_ll", "_beta", "_gamma"], descending=[True, False, False])
+    )
+    betas = pl.DataFrame({"_beta": SMOOTHING_GRID}, schema={"_beta": pl.Float64})
+    params = ["_beta", "_gamma", "_delta"]
+    scored = (
+        sums.join(betas, how="cross")
+        .with_columns(
+            _p=(pl.col("_at") + pl.col("_beta") * pl.col("_bt"))
+            / (pl.col("_a") + pl.col("_beta") * pl.col("_b"))
+        )
+        .with_columns(_p=pl.col("_p").fill_nan(0.0).fill_null(0.0))
+        .with_columns(_ll=pl.col("_p").clip(_P_FLOOR).log())
+        .group_by(*params)
+        .agg(pl.col("_ll").mean(), pl.col("_p").mean())
+        # best log-likelihood; ties: the simplest model (less smoothing, no propensity/known)
+        .sort(["_ll", *params], descending=[True, False, False, False])
     )
     if scored.is_empty():
         return {}
@@ -438,10 +471,84 @@ def _calibrate(
     return {
         "smoothing": float(best["_beta"][0]),
         "propensity_power": float(best["_gamma"][0]),
+        "known_share": float(best["_delta"][0]),
         "calibration_contacts": float(picked.height),
         "calibration_loglik": float(best["_ll"][0]),
         "calibration_mean_p": float(best["_p"][0]),
     }
+
+
+RATE_PRIOR_CLICKS = 200.0  # pseudo-clicks shrinking an ad's leads-per-click to its account's
+DEFAULT_SMOOTHING = 0.35  # used when there are no layer-1 landing contacts to calibrate on
+
+
+def _empty_features() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={"ad_id": pl.Utf8, "_day": pl.Date, "_land": pl.Float64, "_mu": pl.Float64}
+    )
+
+
+def _landing_weights(
+    cand: pl.DataFrame,
+    group_ads: pl.DataFrame,
+    insights: pl.DataFrame,
+    leads: pl.DataFrame,
+    ads: pl.DataFrame,
+    labeled: pl.DataFrame,
+    *,
+    weight_column: str,
+    day: pl.Expr,
+    calibration_size: int,
+    diagnostics: dict | None,
+) -> pl.DataFrame:
+    """Replace candidates' click weights ``_w`` by calibrated landing-lead weights.
+
+    ``w = (landing leads that day + smoothing x click-expected leads) x propensity ** power``;
+    (smoothing, power) maximize the likelihood of the known ad of layer-1 landing contacts.
+    A (group, day) whose landing weights are all 0 keeps its decayed-click weights.
+    """
+    if "leads" not in insights.columns:  # no lead counts: nothing better than clicks
+        return cand
+    features = _landing_features(insights, leads, ads, weight_column, RATE_PRIOR_CLICKS)
+    lab = labeled.with_columns(_day=day).select("_key", "_g", "_day", "_true_ad")
+    # layer-1 landing contacts per (ad, day): reported leads they already explain
+    known = lab.group_by(pl.col("_true_ad").alias("ad_id"), "_day").agg(
+        _k1=pl.len().cast(pl.Float64)
+    )
+    features = features.join(known, on=["ad_id", "_day"], how="full", coalesce=True).with_columns(
+        pl.col("_land", "_mu", "_k1").fill_null(0.0)
+    )
+    propensity = _propensity(lab, features)
+    params = _calibrate(lab, group_ads, features, propensity, calibration_size)
+    beta = params.get("smoothing", DEFAULT_SMOOTHING)
+    gamma = params.get("propensity_power", 0.0)
+    delta = params.get("known_share", 0.0)
+    if diagnostics is not None:
+        diagnostics.update(
+            {
+                "weights": "landing_leads",
+                **params,
+                "smoothing": beta,
+                "propensity_power": gamma,
+                "known_share": delta,
+            }
+        )
+    out = (
+        cand.drop("_land", "_mu")
+        .join(
+            features.select("ad_id", "_day", "_land", "_mu", "_k1"),
+            on=["ad_id", "_day"],
+            how="left",
+        )
+        .with_columns(pl.col("_land", "_mu", "_k1").fill_null(0.0))
+        .join(propensity.select("ad_id", "_n1", "_land_tot", "_gbar"), on="ad_id", how="left")
+        .with_columns(_lw=_weight_expr(beta, gamma, delta))
+    )
+    return out.with_columns(
+        _w=pl.when(pl.col("_lw").sum().over("_g", "_day") > 0)
+        .then(pl.col("_lw"))
+        .otherwise(pl.col("_w"))
+    ).drop("_land", "_mu", "_k1", "_n1", "_land_tot", "_gbar", "_lw")
 
 
 def _layer3(
@@ -510,11 +617,17 @@ def _layer3(
     )
     if weights == "landing_leads" and cand.height:
         cand = _landing_weights(
-            cand, group_ads, insights, leads, ads, labeled, weight_column, day,
-            calibration_size, diagnostics,
-        )  # fmt: skip
-    elif weights != "clicks":
-        raise ValueError(f"weights must be 'landing_leads' or 'clicks', got {weights!r}")
+            cand,
+            group_ads,
+            insights,
+            leads,
+            ads,
+            labeled,
+            weight_column=weight_column,
+            day=day,
+            calibration_size=calibration_size,
+            diagnostics=diagnostics,
+        )
     if max_candidates is not None:
         cand = cand.sort("_g", "_day", "ad_id").filter(  # ties: smallest ad_id stays
             pl.col("_w").rank("ordinal", descending=True).over("_g", "_day") <= max_candidates
@@ -549,6 +662,10 @@ def attribute(
     campaigns: pl.DataFrame | None = None,
     max_candidates: int | None = None,
     paid_sources_only: bool = True,
+    weights: str = "landing_leads",
+    click_lag_minutes: float = 15.0,
+    calibration_size: int = 3_000,
+    diagnostics: dict | None = None,
 ) -> pl.DataFrame:
     """Attribute each deal to Meta ads; one row per (deal, ad), ``ATTRIBUTION_SCHEMA`` columns.
 
@@ -566,10 +683,16 @@ def attribute(
     ``[contact.created_at - window_days, contact.created_at]`` (both ends inclusive); most
     recent wins, ties -> lead before contact, email before phone, smallest ad_id; credit 1.
     Layer 3: candidates are the ads of the campaign named by utm_campaign (id, then name in the
-    deal's account), else by source_data_2, else the account's ads with clicks in the lookback;
-    each weighted by ``weight_column`` over the ``lookback_days`` (default ``window_days``)
-    days up to the contact's day, decayed by ``0.5 ** (age_days / half_life_days)``; credits
-    normalized to 1 (equal shares when a named campaign has no clicks). ``max_candidates``
+    deal's account), else by source_data_2, else the account's ads with clicks in the lookback.
+    ``weights="landing_leads"`` (default, needs a ``leads`` column in ``insights``) weighs each
+    by ``(max(0, landing leads - k x layer-1 contacts) + b x clicks x leads-per-click) x
+    propensity ** g`` on the day of ``created_at - click_lag_minutes``; (b, k, g) are fitted
+    on up to ``calibration_size`` layer-1 landing contacts (module docstring). Groups where that
+    weight is 0 everywhere, and ``weights="clicks"``, use ``weight_column`` over the
+    ``lookback_days`` (default ``window_days``) days up to the contact's day, decayed by
+    ``0.5 ** (age_days / half_life_days)``. Credits are normalized to 1 (equal shares when a
+    named campaign has no clicks). A ``diagnostics`` dict, when given, receives the fitted
+    parameters and the calibration's mean probability of the true ad. ``max_candidates``
     keeps only the top-K candidates (renormalized). With ``paid_sources_only`` a contact whose
     HubSpot source is a known non-paid-social one (``NON_PAID_SOCIAL_SOURCES``) and which has
     no Meta signal is not given layer-3 credit.
@@ -582,6 +705,8 @@ def attribute(
     fbc, else built from its fbclid as ``fb.1.{created_at ms}.{fbclid}``; ``lead_id`` is the
     contact's (or the identity-matched) Meta lead id for CAPI's ``user_data.lead_id``.
     """
+    if weights not in ("landing_leads", "clicks"):
+        raise ValueError(f"weights must be 'landing_leads' or 'clicks', got {weights!r}")
     window = timedelta(days=window_days)
     lookback = window_days if lookback_days is None else lookback_days
     deals_c = _conform(deals, _DEALS).unique(subset="deal_id", keep="last", maintain_order=True)
@@ -599,7 +724,8 @@ def attribute(
             .with_columns(campaign_name=pl.coalesce("campaign_name", "campaign_name_cat"))
             .drop("campaign_name_cat")
         )
-    insights_c = _conform(insights, {**_INSIGHTS, weight_column: pl.Float64()})
+    with_leads = {"leads": pl.Float64()} if "leads" in insights.columns else {}
+    insights_c = _conform(insights, {**_INSIGHTS, weight_column: pl.Float64(), **with_leads})
     contacts_c = _conform(contacts, _CONTACTS)
 
     # one row per (deal, contact) with the deal's account and the contact's layer-1 ad
@@ -659,14 +785,33 @@ def attribute(
             CONFIDENCE, default=None, return_dtype=pl.Float64
         ),
     )
+    # landing contacts whose ad is known: the calibration set of layer 3
+    labeled = (
+        pairs.filter(pl.col("l1_method") == "utm_content")
+        .unique(subset="contact_id")
+        .join(ads_c.select(pl.col("ad_id").alias("l1_ad"), "campaign_id"), on="l1_ad")
+        .select(
+            pl.col("contact_id").alias("_key"),
+            pl.format("c:{}", pl.col("campaign_id")).alias("_g"),
+            "created_at",
+            pl.col("l1_ad").alias("_true_ad"),
+        )
+        .filter(pl.col("created_at").is_not_null())
+    )
     l3 = _layer3(
         chosen.filter(pl.col("layer") == 3).drop("ad_id", "method"),
         ads_c,
         insights_c,
+        leads=leads_c,
+        labeled=labeled,
         lookback_days=lookback,
         half_life_days=half_life_days,
         weight_column=weight_column,
         max_candidates=max_candidates,
+        weights=weights,
+        click_lag=timedelta(minutes=click_lag_minutes),
+        calibration_size=calibration_size,
+        diagnostics=diagnostics,
     )
     l3_rows = l3.filter(pl.col("credit").is_not_null()).with_columns(confidence=pl.col("credit"))
     unattributed = pl.concat(

@@ -380,6 +380,8 @@ def map_pipeline_stages(
 
 def _conform(df: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """Select ``schema`` columns with their types; absent columns become nulls."""
+    if not df.columns:  # a table not created yet: no rows (literals alone would make one)
+        return pl.DataFrame(schema=dict(schema))
     return df.select(
         [
             pl.col(c).cast(t) if c in df.columns else pl.lit(None, dtype=t).alias(c)

@@ -7,12 +7,13 @@ import yaml
 
 
 def account_entries(accounts: pl.DataFrame) -> list[dict]:
-    """One settings entry per sandbox account: id, name, its HubSpot pipeline, currency."""
+    """One settings entry per sandbox account: id, name, HubSpot pipeline, pixel, currency."""
     return [
         {
             "account_id": str(row["account_id"]),
             "name": row["name"],
             "hubspot_pipeline_id": str(row["hubspot_pipeline_id"]),
+            "pixel_id": str(row["pixel_id"]),
             "currency": row["currency"],
             "timezone": row["timezone"],
         }
