@@ -372,7 +372,8 @@ def record_responses(
     Each item is ``{"code": int, "body": str|dict}`` or ``None``. Applied rows get
     ``applied_at = now``; retryable errors go back to ``planned`` (``failed`` once ``attempts``
     reaches ``max_attempts``); permanent errors are ``failed`` with Meta's message; a ``None``
-    item stays ``sending`` (its fate is unknown) until :func:`reconcile` decides.
+    item stays ``sending`` (its fate is unknown) until :func:`reconcile` decides. A 613/1487632
+    answer (Meta's budget-edit limit) also names ``budget_edits_per_hour`` in ``rule``.
     """
     if len(change_ids) != len(responses):
         raise ValueError("one response per change id, in request order")
@@ -387,6 +388,7 @@ def record_responses(
                 "_outcome": "unknown" if resp is None else classify_outcome(code, body),
                 "_code": code,
                 "_error": error_message(code, body),
+                "_edit_limit": resp is not None and _error_fields(body)[:2] == BUDGET_EDIT_LIMIT,
             }
         )
     res = pl.DataFrame(
@@ -396,6 +398,7 @@ def record_responses(
             "_outcome": pl.String,
             "_code": pl.Int64,
             "_error": pl.String,
+            "_edit_limit": pl.Boolean,
         },
     )
     sending = ledger.filter(pl.col("change_id").is_in(res["change_id"].implode()))
@@ -428,6 +431,14 @@ def record_responses(
         applied_at=pl.when(pl.col("_outcome") == "applied")
         .then(pl.lit(now, dtype=UTC_US))
         .otherwise("applied_at"),
+        # Meta's own 4-edits-per-hour limit is the guardrail that stopped this change
+        rule=pl.when(pl.col("_edit_limit").fill_null(False))
+        .then(
+            pl.concat_str(
+                [pl.col("rule"), pl.lit(RULE_BUDGET_EDITS)], separator=",", ignore_nulls=True
+            )
+        )
+        .otherwise("rule"),
     ).select(list(LEDGER_SCHEMA))
 
 

@@ -66,6 +66,7 @@ RULE_BUDGET_EDITS = "budget_edits_per_hour"
 RULE_CAMPAIGN_ACTIONS = "campaign_actions_per_hour"
 RULE_MAX_PER_RUN = "max_changes_per_run"
 RULE_DAILY_CAP = "daily_cap"
+RULE_NEUTRAL = "budget_neutral"
 RULE_MIN_CHANGE = "min_change"
 # Order of names inside the ``rule`` column (the order in which they are applied).
 RULES = (
@@ -75,6 +76,7 @@ RULES = (
     RULE_CAMPAIGN_ACTIONS,
     RULE_MAX_PER_RUN,
     RULE_DAILY_CAP,
+    RULE_NEUTRAL,
     RULE_MIN_CHANGE,
 )
 # Extra rules only :func:`check_plan` reports.
@@ -124,6 +126,10 @@ class GuardrailConfig:
     min_change_abs: int = 100  # ... and >= 100 minor units
     max_changes_per_run: int = 200  # planned changes per account per run
     plan_window: timedelta = timedelta(hours=1)  # change ids are stable within this window
+    # budget-neutral trims: when guardrails trim one side of a reallocation, the other side is
+    # cut back so the account's net budget change stays the requested one (the optimizer's
+    # apply step turns this on unless the settings say otherwise)
+    keep_total: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.velocity_pct < 1.0:
@@ -262,6 +268,7 @@ def _config_frame(
                 "min_change_bps": round(c.min_change_pct * _BPS),
                 "min_change_abs": int(c.min_change_abs),
                 "max_per_run": int(c.max_changes_per_run),
+                "keep_total": bool(c.keep_total),
                 "window_start": epoch + timedelta(microseconds=(now_us // window_us) * window_us),
             }
         )
@@ -276,6 +283,7 @@ def _config_frame(
         "min_change_bps": pl.Int64,
         "min_change_abs": pl.Int64,
         "max_per_run": pl.Int64,
+        "keep_total": pl.Boolean,
         "window_start": UTC_US,
     }
     return pl.DataFrame(rows, schema=schema)
@@ -382,6 +390,16 @@ def _recent_counts(hist: pl.LazyFrame, now: datetime) -> tuple[pl.LazyFrame, pl.
 def _is_churn(old: pl.Expr, new: pl.Expr) -> pl.Expr:
     delta = (new - old).abs()
     return (delta < pl.col("min_change_abs")) | (delta * _BPS < old * pl.col("min_change_bps"))
+
+
+def _nearest(granted: pl.Expr, wanted: pl.Expr, smallest: pl.Expr) -> pl.Expr:
+    """A grant below the smallest real change goes to 0 or to that change, whichever is nearer."""
+    partial = (granted > 0) & (granted < wanted) & (granted < smallest)
+    return (
+        pl.when(partial)
+        .then(pl.when(2 * granted >= smallest).then(smallest).otherwise(0))
+        .otherwise(granted)
+    )
 
 
 def _change_id() -> pl.Expr:
@@ -517,9 +535,11 @@ def plan_changes(
     ``max_budget_edits_per_hour`` per ad set, no churn, at most ``max_campaign_actions_per_hour``
     per campaign (kills first, then larger budget moves), at most ``max_changes_per_run`` per
     account, and increases granted largest first from the headroom so an account's total never
-    rises above ``daily_cap``. Each requested change yields exactly one row; trims keep the row
-    ``planned`` with the trimmed value and name the rule; held-back rows are ``skipped`` with the
-    rule.
+    rises above ``daily_cap``; with ``keep_total`` the side of a reallocation that was trimmed less
+    is granted (largest first) only as far as keeps the account's net budget change at the
+    requested one (rule ``budget_neutral``). Each requested change yields exactly one row; trims
+    keep the row ``planned`` with the trimmed value and name the rule; held-back rows are
+    ``skipped`` with the rule.
     ``config`` is one config for all accounts or a mapping account_id -> config.
     """
     now = _as_utc(now)
@@ -696,6 +716,73 @@ def plan_changes(
         )
     )
 
+    # --- budget neutrality (keep_total): when trims left one side of a reallocation larger than
+    # the request's net change allows, that side is granted largest first up to what keeps the
+    # account's net change at the requested one (like the cap's headroom)
+    d = pl.col("new_i") - pl.col("old_i")
+    budget_candidate = pl.col("candidate") & is_budget
+    u = (
+        u.with_columns(
+            _rq=pl.when(is_budget).then(pl.col("req_i") - pl.col("old_i")).otherwise(0),
+            _up=pl.when(budget_candidate & (d > 0)).then(d).otherwise(0),
+            _dn=pl.when(budget_candidate & (d < 0)).then(-d).otherwise(0),
+        )
+        .with_columns(
+            _R=pl.col("_rq").sum().over("account_id"),
+            _I=pl.col("_up").sum().over("account_id"),
+            _D=pl.col("_dn").sum().over("account_id"),
+            _up_before=pl.col("_up").cum_sum().over("account_id") - pl.col("_up"),
+            _dn_before=pl.col("_dn").cum_sum().over("account_id") - pl.col("_dn"),
+        )
+        .with_columns(
+            _dn_allow=pl.when(pl.col("keep_total") & (pl.col("_I") - pl.col("_D") < pl.col("_R")))
+            .then((pl.col("_I") - pl.col("_R")).clip(0, pl.col("_D")))
+            .otherwise(pl.col("_D")),
+            _up_allow=pl.when(pl.col("keep_total") & (pl.col("_I") - pl.col("_D") > pl.col("_R")))
+            .then((pl.col("_D") + pl.col("_R")).clip(0, pl.col("_I")))
+            .otherwise(pl.col("_I")),
+        )
+        .with_columns(
+            _dn_g=(pl.col("_dn_allow") - pl.col("_dn_before")).clip(0, pl.col("_dn")),
+            _up_g=(pl.col("_up_allow") - pl.col("_up_before")).clip(0, pl.col("_up")),
+            # the smallest real change of the row (no churn)
+            _t=pl.max_horizontal(
+                "min_change_abs", -((-pl.col("old_i") * pl.col("min_change_bps")) // _BPS)
+            ),
+        )
+        .with_columns(
+            # the one partly granted row rounds to the nearer of 0 and the smallest real change,
+            # so the total is off by at most half of that, either way (no drift in one direction)
+            _nearest(pl.col("_dn_g"), pl.col("_dn"), pl.col("_t")).alias("_dn_g"),
+            _nearest(pl.col("_up_g"), pl.col("_up"), pl.col("_t")).alias("_up_g"),
+        )
+        .with_columns(
+            f_neutral=(pl.col("_dn_g") < pl.col("_dn")) | (pl.col("_up_g") < pl.col("_up")),
+        )
+        .with_columns(
+            new_i=pl.when(pl.col("f_neutral") & (d < 0))
+            .then(pl.col("old_i") - pl.col("_dn_g"))
+            .when(pl.col("f_neutral") & (d > 0))
+            .then(pl.col("old_i") + pl.col("_up_g"))
+            .otherwise(pl.col("new_i"))
+        )
+        .with_columns(
+            # a cut-back change must still be a real change inside the floor and the band
+            _neutral_held=pl.col("f_neutral")
+            & (
+                (pl.col("new_i") == pl.col("old_i"))
+                | _is_churn(pl.col("old_i"), pl.col("new_i"))
+                | (pl.col("new_i") < pl.max_horizontal("lo_vel", "min_budget"))
+                | (pl.col("new_i") > pl.col("hi_vel"))
+            ),
+        )
+        .with_columns(
+            f_churn=pl.col("f_churn")
+            | (pl.col("_neutral_held") & _is_churn(pl.col("old_i"), pl.col("new_i"))),
+            candidate=pl.col("candidate") & ~pl.col("_neutral_held"),
+        )
+    )
+
     # --- assemble
     flags = [
         (RULE_MIN_BUDGET, "f_min_budget"),
@@ -704,6 +791,7 @@ def plan_changes(
         (RULE_CAMPAIGN_ACTIONS, "f_campaign"),
         (RULE_MAX_PER_RUN, "f_run"),
         (RULE_DAILY_CAP, "f_cap"),
+        (RULE_NEUTRAL, "f_neutral"),
         (RULE_MIN_CHANGE, "f_churn"),
     ]
     u = u.with_columns(
