@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench ui lint format clean
+.PHONY: install demo test bench e2e ui lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m optimizer_assets.bench $(BENCH)
+
+# end-to-end latency with the Dagster daemon: deal-stage change -> budget change applied
+e2e: $(STAMP)
+	$(BIN)/python -m optimizer_assets.bench e2e_latency
 
 ui: $(STAMP)
 	$(BIN)/optimizer ui

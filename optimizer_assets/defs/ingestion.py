@@ -82,15 +82,31 @@ def hubspot_deals(
     )
 
 
-@dg.asset(group_name="crm", kinds={"duckdb"}, deps=[hubspot_deals], pool="duckdb")
+@dg.asset(
+    group_name="crm",
+    kinds={"duckdb"},
+    deps=[hubspot_deals, "hubspot_webhook_deal_states"],  # both fill hubspot_deal_snapshots
+    pool="duckdb",
+)
 def deal_stage_events(warehouse: WarehouseResource) -> dg.MaterializeResult:
-    """Append-only, deduplicated stage transitions (deal, from, to, occurred_at)."""
+    """Deduplicated stage entries (deal, to, occurred_at), one row each; a late-arriving
+    earlier state corrects the ``from_stage`` of the stored entry after it, never adds one."""
     wh = warehouse.get()
     events = crm.stage_events(wh.read("hubspot_deal_snapshots"))
-    new = wh.append_new("deal_stage_events", events, ["event_key"])
+    stored = wh.read("deal_stage_events")
+    new = events if stored.is_empty() else events.join(stored, on="event_key", how="anti")
+    corrected = (
+        events.join(stored.select("event_key", "from_stage"), on="event_key", suffix="_stored")
+        .filter(pl.col("from_stage").ne_missing(pl.col("from_stage_stored")))
+        .drop("from_stage_stored")
+        if stored.height
+        else events.clear()
+    )
+    wh.upsert("deal_stage_events", pl.concat([new, corrected]), ["event_key"])
     metadata = {
         "row_count": wh.query("SELECT count(*) AS n FROM deal_stage_events")["n"][0],
         "new_events": new.height,
+        "corrected_events": corrected.height,
     }
     if new.height:
         metadata["window_start"] = dg.MetadataValue.timestamp(new["occurred_at"].min())

@@ -94,29 +94,32 @@ def deals_frame(records: Iterable[Mapping], pipeline_accounts: Mapping[str, str]
 def stage_events(snapshots: pl.DataFrame) -> pl.DataFrame:
     """Stage transitions from successive observed states of each deal (``hubspot_deal_snapshots``).
 
-    ``event_key`` equals the CAPI ``event_id`` of the change (``domain.capi.event_id``).
-    The first observed state of a deal is its creation (``from_stage`` null, at ``created_at``);
-    every later state whose stage differs from the one before is a transition at ``updated_at``.
-    States observed more than once (overlapping windows) count once, so re-runs add nothing.
+    A stage event is the deal ENTERING a stage at a moment: its identity is (deal_id, to_stage,
+    occurred_at) and ``event_key`` equals the CAPI ``event_id`` of that entry
+    (``domain.capi.event_id``, which does not hash ``from_stage``). ``occurred_at`` is the
+    state's ``updated_at`` (HubSpot keeps ``hs_lastmodifieddate`` / webhook ``occurredAt`` at the
+    change), ``created_at`` only when ``updated_at`` is missing. The first observed state of a
+    deal has ``from_stage`` null (its creation when seen from the start); every later state whose
+    stage differs from the one before is a transition. States observed more than once
+    (overlapping windows, webhook retries, both sources) count once, so re-runs add nothing, and
+    a state that arrives late (an earlier or a middle one) only changes the ``from_stage`` of the
+    entry after it, never its key: each entry into a stage is one event whatever the order of
+    delivery.
     """
     if snapshots.is_empty():
         return pl.DataFrame(schema=STAGE_EVENT_SCHEMA)
     ordered = (
-        snapshots.unique(["deal_id", "updated_at", "dealstage"], maintain_order=True)
-        .sort("deal_id", "updated_at")
-        .with_columns(from_stage=pl.col("dealstage").shift(1).over("deal_id"))
+        snapshots.with_columns(occurred_at=pl.coalesce("updated_at", "created_at"))
+        .unique(["deal_id", "occurred_at", "dealstage"], keep="first", maintain_order=True)
+        .sort("deal_id", "occurred_at", "dealstage")
         .with_columns(
-            first=pl.col("from_stage").is_null() & (pl.int_range(pl.len()).over("deal_id") == 0)
+            from_stage=pl.col("dealstage").shift(1).over("deal_id"),
+            first=pl.int_range(pl.len()).over("deal_id") == 0,
         )
     )
-    changes = ordered.filter(pl.col("first") | (pl.col("dealstage") != pl.col("from_stage")))
-    changes = changes.with_columns(
-        occurred_at=pl.when(pl.col("first"))
-        .then(pl.coalesce("created_at", "updated_at"))
-        .otherwise(pl.col("updated_at")),
-        from_stage=pl.when(pl.col("first")).then(None).otherwise(pl.col("from_stage")),
-    )
-    changes = changes.with_columns(to_stage=pl.col("dealstage"))
+    changes = ordered.filter(
+        pl.col("first") | (pl.col("dealstage") != pl.col("from_stage"))
+    ).with_columns(to_stage=pl.col("dealstage"))
     return changes.select(
         event_id_expr_frame(changes).alias("event_key"),
         "deal_id",

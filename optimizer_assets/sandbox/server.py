@@ -468,6 +468,10 @@ class SandboxServer:
 
     >>> with SandboxServer(WorldConfig(accounts=1)) as sandbox:
     ...     requests.get(f"{sandbox.base_url}/v24.0/me/adaccounts", params={...})
+
+    With ``webhook_url`` (and ``webhook_secret``, the receiver's client secret) the server also
+    plays HubSpot's webhook sender while it runs (``webhook_sender``: a ``WebhookSender`` reading
+    the world under ``lock``; ``webhook_config`` is its ``SenderConfig``).
     """
 
     def __init__(
@@ -482,8 +486,16 @@ class SandboxServer:
         hubspot_token: str = HUBSPOT_TOKEN,
         port: int = 0,
         host: str = "127.0.0.1",
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        webhook_config: Any | None = None,
     ) -> None:
         self.world = world if world is not None else World(config or WorldConfig())
+        if webhook_url and not webhook_secret:
+            raise ValueError("webhook_url needs webhook_secret (the receiver's client secret)")
+        # HubSpot's webhook deliveries of the world's deal changes, started with the server
+        self._webhook = (webhook_url, webhook_secret, webhook_config) if webhook_url else None
+        self.webhook_sender: Any | None = None
         self.request_counts: Counter = Counter()
         self.app = create_app(
             self.world,
@@ -530,9 +542,15 @@ class SandboxServer:
                 self.__exit__(None, None, None)
                 raise RuntimeError("the sandbox server did not start")
             time.sleep(0.01)
+        if self._webhook is not None:
+            url, secret, sender_config = self._webhook
+            self.webhook_sender = _start_sender(self.world, url, secret, sender_config, self.lock)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        if self.webhook_sender is not None:
+            self.webhook_sender.stop(flush=False)
+            self.webhook_sender = None
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -557,16 +575,39 @@ class SandboxServer:
             self.state.bump()
 
 
+def _start_sender(world: Any, url: str, secret: str, config: Any | None, lock: Any) -> Any:
+    """A running ``WebhookSender`` of ``world``'s deal changes to ``url`` (reads under ``lock``)."""
+    from optimizer_assets.sandbox.webhook_sender import WebhookSender
+
+    return WebhookSender(world, url, secret, config=config, lock=lock).start()
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     config: Any | None = None,
     speed: float | None = None,
     faults: Faults | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
 ) -> None:
-    """Build the world and serve it until Ctrl-C (``optimizer sandbox serve``)."""
+    """Build the world and serve it until Ctrl-C (``optimizer sandbox serve``); with
+    ``webhook_url`` it also posts HubSpot webhooks of the deal changes there, signed with
+    ``webhook_secret``."""
     world = World(config or WorldConfig())
     app = create_app(world, faults=faults, speed=speed)
     pace = f"speed {speed:g}x" if speed else "time moves on POST /_sandbox/advance"
-    print(f"sandbox serving on http://{host}:{port} ({pace}); Ctrl-C stops it", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    hooks = f", webhooks to {webhook_url}" if webhook_url else ""
+    print(f"sandbox serving on http://{host}:{port} ({pace}{hooks}); Ctrl-C stops it", flush=True)
+    if webhook_url and not webhook_secret:
+        raise ValueError("webhook_url needs webhook_secret (the receiver's client secret)")
+    sender = (
+        _start_sender(world, webhook_url, webhook_secret, None, app.state.sandbox.lock)
+        if webhook_url
+        else None
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        if sender is not None:
+            sender.stop(flush=False)
