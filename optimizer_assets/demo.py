@@ -124,6 +124,21 @@ DAY_COLUMNS = [
     ("meta_leads", "new_leads", "new form leads", "{:>4}"),
     ("deal_stage_events", "new_events", "new stage events", "{:>4}"),
     ("hubspot_deals", "row_count", "deals", "{:>5}"),
+    ("ad_change_log", "applied", "changes applied", "{:>3}"),
+    ("ad_change_log", "http_requests", "API calls", "{:>3}"),
+    ("synthetic_revenue", "value_24h", "revenue $", "{:>8,.0f}"),
+    ("attributed_revenue", "value_24h_layer1", "L1 $", "{:>7,.0f}"),
+    ("attributed_revenue", "value_24h_layer2", "L2 $", "{:>6,.0f}"),
+    ("attributed_revenue", "value_24h_layer3", "L3 $", "{:>7,.0f}"),
+    ("attributed_revenue", "recovery", "recovery", "{:.1%}"),
+    ("attributed_revenue", "precision_l12", "precision L1-2", "{:.1%}"),
+    ("capi_uploads", "events_sent", "CAPI sent", "{:>3}"),
+    ("capi_uploads", "accepted", "accepted", "{:>3}"),
+    ("ad_scores", "scale", "scale", "{:>2}"),
+    ("ad_scores", "kill", "kill", "{:>2}"),
+    ("budget_recommendations", "spend_shifted", "budget shifted $", "{:>7,.2f}"),
+    ("online_learner", "drifts_detected", "drifts detected", "{:>2}"),
+    ("winner_index", "winners", "winners", "{:>3}"),
 ]
 
 
@@ -165,7 +180,7 @@ def run_demo(days: int = 30, seed: int = 7, warehouse_path: Path = DEMO_WAREHOUS
             OPTIMIZER_ACCOUNTS_FILE=str(accounts_file),
             OPTIMIZER_WAREHOUSE=str(warehouse_path),
         )
-        from optimizer_assets.definitions import loop_assets
+        from optimizer_assets.definitions import loop_assets, loop_checks
         from optimizer_assets.defs.resources import build_resources
 
         resources = build_resources()
@@ -181,7 +196,9 @@ def run_demo(days: int = 30, seed: int = 7, warehouse_path: Path = DEMO_WAREHOUS
                 day = world.now.date()
                 advance = f"{server.base_url}/_sandbox/advance"
                 session.post(advance, json={"hours": 24}, timeout=60).raise_for_status()
-                meta = _materialize(loop_assets, resources, instance, partition_key=day.isoformat())
+                # checks run too: a blocking one stops the uploads or changes behind it
+                loop = [*loop_assets, *loop_checks]
+                meta = _materialize(loop, resources, instance, partition_key=day.isoformat())
                 print(_day_line(day_index, day, meta), flush=True)
         for title, frame in report_sections(world, Warehouse(warehouse_path)):
             print(f"\n{title}:\n")

@@ -9,7 +9,6 @@ import pytest
 
 from optimizer_assets.sandbox.world import HUBSPOT_TOKEN, META_TOKEN
 
-
 facebook_business = pytest.importorskip("facebook_business")
 hubspot = pytest.importorskip("hubspot")
 

@@ -144,6 +144,9 @@ def _row(name: str, results, seconds: float) -> dict:
 
 def main(quick: bool = False) -> str:
     accounts, ads, days = (5, 100, 7) if quick else (100, 1000, 30)
+    # HubSpot's 5 searches/s caps deal ingestion near 1,000 deals/s by contract, so the full
+    # world takes long; OPTIMIZER_BENCH_ACCOUNTS scales the account count down
+    accounts = int(os.environ.get("OPTIMIZER_BENCH_ACCOUNTS", accounts))
     rows, info = _run(accounts, ads, days)
     total_rows = sum(r["rows"] for r in rows)
     total_s = sum(r["seconds"] for r in rows)
