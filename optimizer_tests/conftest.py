@@ -6,6 +6,7 @@ import os
 import uuid
 
 import pytest
+from hypothesis import settings
 
 from optimizer_tests.fixtures_sandbox import (  # noqa: F401  (fixtures for every module)
     sandbox,
@@ -13,6 +14,11 @@ from optimizer_tests.fixtures_sandbox import (  # noqa: F401  (fixtures for ever
     sandbox_fresh,
     sandbox_session,
 )
+
+# CI runs the same examples every time (a failure found there reproduces); locally they vary
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 PG_HOST = os.environ.get("OPTIMIZER_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OPTIMIZER_TEST_PG_PORT", "5432"))

@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 
+_NO_SPEND = 1e-8  # currency units
+
+
 def _as_date_expr(name: str) -> pl.Expr:
     """Date of a Date/Datetime column (naive datetimes are read as UTC)."""
     return pl.col(name).cast(pl.Date)
@@ -312,14 +315,15 @@ def lag_corrected_value(
     m = np.minimum(df["matured_spend"].to_numpy(), s)
     if prior_roas is None:
         total_m = m.sum()
-        prior_roas = float(val.sum() / total_m) if total_m > 0 else 0.0
+        # below a millionth of a cent matured spend is no evidence (and would divide to inf)
+        prior_roas = float(val.sum() / total_m) if total_m > _NO_SPEND else 0.0
     r0 = np.full(df.height, float(prior_roas))
     if "prior_roas" in df.columns:
         col = df["prior_roas"].to_numpy()
         r0 = np.where(np.isfinite(col) & (col >= 0), col, r0)
     k = float(shrink_spend)
     with np.errstate(divide="ignore", invalid="ignore"):
-        roas_hat = np.where(m + k > 0, (val + k * r0) / (m + k), r0)
+        roas_hat = np.where(m + k > _NO_SPEND, (val + k * r0) / np.maximum(m + k, _NO_SPEND), r0)
         maturity = np.where(s > 0, m / s, 1.0)
     corrected = val + (s - m) * roas_hat
     return pl.DataFrame(
