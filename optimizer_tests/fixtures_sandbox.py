@@ -83,3 +83,18 @@ def sandbox_session() -> Iterator[requests.Session]:
         session.params = {"access_token": META_TOKEN}  # type: ignore[assignment]
         session.headers["Authorization"] = f"Bearer {HUBSPOT_TOKEN}"
         yield session
+
+
+def point_optimizer_at(server: SandboxServer, folder, monkeypatch) -> dict:
+    """Point the Dagster resources at ``server``: a settings file for its accounts and a private
+    warehouse under ``folder``; returns ``build_resources()`` (env set through ``monkeypatch``)."""
+    from optimizer_assets.defs.resources import build_resources
+    from optimizer_assets.sandbox.settings_file import settings_yaml
+
+    accounts_file = folder / "accounts.yaml"
+    accounts_file.write_text(settings_yaml(server.world.accounts()))
+    monkeypatch.setenv("OPTIMIZER_MODE", "sandbox")
+    monkeypatch.setenv("OPTIMIZER_SANDBOX_URL", server.base_url)
+    monkeypatch.setenv("OPTIMIZER_ACCOUNTS_FILE", str(accounts_file))
+    monkeypatch.setenv("OPTIMIZER_WAREHOUSE", str(folder / "warehouse.duckdb"))
+    return build_resources()

@@ -12,9 +12,8 @@ import pytest
 from optimizer_assets.defs.ingestion import ingestion_assets
 from optimizer_assets.defs.resources import ConfigurationError, build_resources
 from optimizer_assets.sandbox.server import SandboxServer
-from optimizer_assets.sandbox.settings_file import settings_yaml
 from optimizer_assets.warehouse import Warehouse
-from optimizer_tests.fixtures_sandbox import sandbox_world
+from optimizer_tests.fixtures_sandbox import point_optimizer_at, sandbox_world
 
 UNPARTITIONED = [a for a in ingestion_assets if a.key.path[0] != "meta_ad_insights"]
 INSIGHTS = [a for a in ingestion_assets if a.key.path[0] == "meta_ad_insights"]
@@ -25,13 +24,8 @@ def loop_env(tmp_path, monkeypatch):
     """A private sandbox, settings file and warehouse; yields (server, resources, warehouse)."""
     world = sandbox_world()
     with SandboxServer(world=world) as server:
-        accounts_file = tmp_path / "accounts.yaml"
-        accounts_file.write_text(settings_yaml(world.accounts()))
-        monkeypatch.setenv("OPTIMIZER_MODE", "sandbox")
-        monkeypatch.setenv("OPTIMIZER_SANDBOX_URL", server.base_url)
-        monkeypatch.setenv("OPTIMIZER_ACCOUNTS_FILE", str(accounts_file))
-        monkeypatch.setenv("OPTIMIZER_WAREHOUSE", str(tmp_path / "warehouse.duckdb"))
-        yield server, build_resources(), Warehouse(tmp_path / "warehouse.duckdb")
+        resources = point_optimizer_at(server, tmp_path, monkeypatch)
+        yield server, resources, Warehouse(tmp_path / "warehouse.duckdb")
 
 
 def materialize(assets, resources, **kwargs):

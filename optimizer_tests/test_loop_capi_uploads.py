@@ -15,12 +15,10 @@ from optimizer_assets.defs import attribution as attribution_defs
 from optimizer_assets.defs import capi as capi_defs
 from optimizer_assets.defs import revenue as revenue_defs
 from optimizer_assets.defs.ingestion import ingestion_assets
-from optimizer_assets.defs.resources import build_resources
 from optimizer_assets.domain import capi as capi_domain
 from optimizer_assets.sandbox.server import Faults, SandboxServer
-from optimizer_assets.sandbox.settings_file import settings_yaml
 from optimizer_assets.warehouse import Warehouse
-from optimizer_tests.fixtures_sandbox import sandbox_world
+from optimizer_tests.fixtures_sandbox import point_optimizer_at, sandbox_world
 
 RAW_EMAIL = "jane.roe@example.com"
 
@@ -43,13 +41,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("capi")
     world = sandbox_world()
     with SandboxServer(world=world) as server, pytest.MonkeyPatch.context() as mp:
-        accounts_file = tmp / "accounts.yaml"
-        accounts_file.write_text(settings_yaml(world.accounts()))
-        mp.setenv("OPTIMIZER_MODE", "sandbox")
-        mp.setenv("OPTIMIZER_SANDBOX_URL", server.base_url)
-        mp.setenv("OPTIMIZER_ACCOUNTS_FILE", str(accounts_file))
-        mp.setenv("OPTIMIZER_WAREHOUSE", str(tmp / "warehouse.duckdb"))
-        resources = build_resources()
+        resources = point_optimizer_at(server, tmp, mp)
         day = (world.now - timedelta(days=1)).date().isoformat()
         assets = [*ingestion_assets, *revenue_defs.assets, *attribution_defs.assets]
         assert run(assets, resources, partition_key=day).success

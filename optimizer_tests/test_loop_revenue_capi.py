@@ -18,12 +18,11 @@ from optimizer_assets.defs import attribution as attribution_defs
 from optimizer_assets.defs import capi as capi_defs
 from optimizer_assets.defs import revenue as revenue_defs
 from optimizer_assets.defs.ingestion import ingestion_assets
-from optimizer_assets.defs.resources import OptimizerResource, WarehouseResource, build_resources
+from optimizer_assets.defs.resources import OptimizerResource, WarehouseResource
 from optimizer_assets.domain.revenue import deal_values
 from optimizer_assets.sandbox.server import SandboxServer
-from optimizer_assets.sandbox.settings_file import settings_yaml
 from optimizer_assets.warehouse import Warehouse
-from optimizer_tests.fixtures_sandbox import sandbox_world
+from optimizer_tests.fixtures_sandbox import point_optimizer_at, sandbox_world
 
 UNPARTITIONED = [a for a in ingestion_assets if a.key.path[0] != "meta_ad_insights"]
 INSIGHTS = [a for a in ingestion_assets if a.key.path[0] == "meta_ad_insights"]
@@ -54,13 +53,7 @@ def loop(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     world = sandbox_world()
     with SandboxServer(world=world) as server, pytest.MonkeyPatch.context() as mp:
-        accounts_file = tmp / "accounts.yaml"
-        accounts_file.write_text(settings_yaml(world.accounts()))
-        mp.setenv("OPTIMIZER_MODE", "sandbox")
-        mp.setenv("OPTIMIZER_SANDBOX_URL", server.base_url)
-        mp.setenv("OPTIMIZER_ACCOUNTS_FILE", str(accounts_file))
-        mp.setenv("OPTIMIZER_WAREHOUSE", str(tmp / "warehouse.duckdb"))
-        resources = build_resources()
+        resources = point_optimizer_at(server, tmp, mp)
         last_day = (world.now - timedelta(days=1)).date()
         run(INSIGHTS, resources, partition_key=(last_day - timedelta(days=1)).isoformat())
         result = run(
