@@ -17,10 +17,8 @@ lifted, so the numbers are capacity, not the limits the sandbox imposes (the sam
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from pathlib import Path
 
 import polars as pl
 import requests
+
+from optimizer_assets.bench._server import ChildServer, announce, listening_socket
 
 META = "sandbox-meta-token"
 
@@ -51,8 +51,6 @@ QUICK = Scale(accounts=2, ads_per_account=300, changes=600, baseline_changes=120
 # ---- server process ----------------------------------------------------------------------------
 def _serve(accounts: int, ads: int) -> None:
     """Subprocess entry: the sandbox on a free port, limits lifted; prints the port, serves."""
-    import socket
-
     import uvicorn
 
     from optimizer_assets.sandbox import world as world_module
@@ -64,28 +62,16 @@ def _serve(accounts: int, ads: int) -> None:
     )
     limits = Limits(graph_calls_per_hour_account=None, graph_calls_per_hour_app=None)
     app = create_app(world, limits=limits)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
-    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    announce({"port": sock.getsockname()[1]})
     server.run(sockets=[sock])
 
 
-class _Server:
+class _Server(ChildServer):
     def __init__(self, scale: Scale) -> None:
-        args = [str(scale.accounts), str(scale.ads_per_account)]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "optimizer_assets.bench.execution", "--serve", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if not line:
-            self.close()
-            raise RuntimeError("the benchmark server process did not start")
-        self.base_url = f"http://127.0.0.1:{json.loads(line)['port']}"
+        super().__init__("optimizer_assets.bench.execution", scale.accounts, scale.ads_per_account)
+        self.base_url = self.url("port")
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -112,14 +98,6 @@ class _Server:
 
     def now(self) -> datetime:
         return datetime.fromisoformat(self.control("GET", "state")["now"].replace("Z", "+00:00"))
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 # ---- measurements ------------------------------------------------------------------------------

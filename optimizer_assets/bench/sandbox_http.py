@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
+
+from optimizer_assets.bench._server import ChildServer, announce, listening_socket
 
 META = "sandbox-meta-token"
 HUBSPOT = "sandbox-hubspot-token"
@@ -79,9 +79,7 @@ def _serve(accounts: int, ads: int, days: int) -> None:
     sandbox = create_app(world, limits=limits)
     servers, ports = [], {}
     for name, app in (("floor", floor), ("sandbox", sandbox)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock = listening_socket()
         ports[name] = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="error", access_log=False)
         servers.append((uvicorn.Server(config), sock))
@@ -90,7 +88,7 @@ def _serve(accounts: int, ads: int, days: int) -> None:
         tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
         while not all(server.started for server, _ in servers):
             await asyncio.sleep(0.01)
-        print(json.dumps(ports), flush=True)
+        announce(ports)
         await asyncio.gather(*tasks)
 
     try:  # the loop `uvicorn.run` picks ("auto"): uvloop when installed
@@ -101,32 +99,15 @@ def _serve(accounts: int, ads: int, days: int) -> None:
         asyncio.run(run())
 
 
-class _Servers:
+class _Servers(ChildServer):
     """The server subprocess; ``floor`` and ``sandbox`` are base URLs."""
 
     def __init__(self, scale: Scale) -> None:
-        args = [str(scale.accounts), str(scale.ads_per_account), str(scale.days)]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "optimizer_assets.bench.sandbox_http", "--serve", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        super().__init__(
+            "optimizer_assets.bench.sandbox_http", scale.accounts, scale.ads_per_account, scale.days
         )
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if not line:
-            self.close()
-            raise RuntimeError("the benchmark server process did not start")
-        ports = json.loads(line)
-        self.floor = f"http://127.0.0.1:{ports['floor']}"
-        self.sandbox = f"http://127.0.0.1:{ports['sandbox']}"
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.floor = self.url("floor")
+        self.sandbox = self.url("sandbox")
 
 
 # ---- load --------------------------------------------------------------------------------------
