@@ -9,9 +9,15 @@ Return shapes (numbers converted from Graph's strings, ids kept as digit strings
 - `update_adset`, `update_ad`: Graph's answer (`{"success": true}`);
 - `batch`, `execute_batched`: one `BatchResult` per item, in input order.
 
-Not implemented yet: async insights report runs (`POST .../insights` -> `report_run_id`, poll
-`async_status`) for ranges too large for a synchronous call; `insights` pages synchronously,
-so callers should request modest ranges (a day partition at a time).
+Insights come two ways with the same rows and columns: synchronously (`GET act_<id>/insights`,
+cursor-paged), or through an async report run for large ranges (`POST act_<id>/insights` ->
+`report_run_id`, poll `GET /<report_run_id>` until `async_status == "Job Completed"` with a
+growing delay, then page `GET /<report_run_id>/insights`). `insights(report_run=True)` asks for a
+report run; by default one is used only for ranges longer than `report_run_after_days` (off unless
+set). `Job Failed` / `Job Skipped` raise `ReportRunError`, a run still unfinished after
+`ReportRunPolicy.timeout_s` raises `ReportRunTimeoutError`; both carry the run id, its last status
+and the poll answer's `x-fb-trace-id`. `async_percent_completion` can reach 100 while the job is
+still `Job Running`, so only the status is trusted.
 
 Throttling: every answer's usage headers (`x-app-usage`, `x-ad-account-usage`,
 `x-business-use-case-usage`) are read; at >= `usage_threshold_pct` or with
@@ -23,8 +29,10 @@ retried with backoff; 613/1487632 (budget edited too often) raises `BudgetEditLi
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -42,6 +50,8 @@ from optimizer_assets.clients.errors import (
     TransportError,
 )
 from optimizer_assets.clients.http import APP_SCOPE, Failure, HttpClient
+
+log = logging.getLogger(__name__)
 
 GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v24.0"
@@ -108,6 +118,11 @@ INSIGHT_FIELDS = (
     "account_currency",
 )
 LEAD_FIELDS = ("id", "created_time", "ad_id", "adset_id", "campaign_id", "form_id", "field_data")
+
+# Async insights report runs (AdReportRun): the status with results, those without, what we poll
+REPORT_COMPLETED = "Job Completed"
+REPORT_NO_DATA = frozenset({"Job Failed", "Job Skipped"})
+REPORT_STATUS_FIELDS = ("id", "async_status", "async_percent_completion", "date_start", "date_stop")
 
 _INT_METRICS = frozenset(
     {
@@ -190,6 +205,63 @@ def graph_error(
         body={"error": {k: v for k, v in env.items() if k != "message"}},
     )
     return err, retryable, throttled
+
+
+class ReportRunError(GraphAPIError):
+    """An async insights report run ended without results (`Job Failed` or `Job Skipped`).
+
+    `report_run_id`, `async_status` and `percent_completion` are the last poll's; `trace_id` is
+    that answer's `x-fb-trace-id` header. Starting a new run (perhaps over a shorter range) is
+    Meta's remedy; the client does not do it on its own.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        report_run_id: str,
+        async_status: str,
+        percent_completion: int,
+        **kwargs: Any,
+    ) -> None:
+        self.report_run_id = report_run_id
+        self.async_status = async_status
+        self.percent_completion = percent_completion
+        super().__init__(message, **kwargs)
+
+
+class ReportRunTimeoutError(ReportRunError):
+    """The report run had not completed when `ReportRunPolicy.timeout_s` ran out; it may still
+    finish: `GraphClient.wait_report_run(report_run_id)` picks it up again."""
+
+
+@dataclass(frozen=True)
+class ReportRunPolicy:
+    """How an async report run is polled: delays grow from `first_poll_s` by `factor` up to
+    `max_poll_s`; polling gives up `timeout_s` after the first poll (retry waits included)."""
+
+    first_poll_s: float = 2.0
+    max_poll_s: float = 30.0
+    factor: float = 1.5
+    timeout_s: float = 1800.0
+
+    def delay(self, polls: int) -> float:
+        """Seconds to wait after poll number `polls` (1-based) before the next one."""
+        return min(self.max_poll_s, self.first_poll_s * self.factor ** max(0, polls - 1))
+
+
+@dataclass(frozen=True)
+class ReportRunStatus:
+    """One poll of a report run: its status and percent, how many polls so far, seconds since
+    the first poll (on the client's clock)."""
+
+    report_run_id: str
+    async_status: str
+    percent_completion: int
+    polls: int
+    elapsed_s: float
+    date_start: str | None = None
+    date_stop: str | None = None
 
 
 class MetaClient(HttpClient):
@@ -334,11 +406,30 @@ class BatchResult:
 
 
 class GraphClient(MetaClient):
-    """Marketing API reads and writes for one app token (sandbox or Meta)."""
+    """Marketing API reads and writes for one app token (sandbox or Meta).
 
-    def __init__(self, token: str, **kwargs: Any) -> None:
+    `report_run_after_days`: `insights` ranges longer than this many days go through an async
+    report run (None, the default: only when asked with `report_run=True`); `report_runs`: how
+    report runs are polled.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        report_run_after_days: int | None = None,
+        report_runs: ReportRunPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(token, **kwargs)
         self._owner: dict[str, str] = {}  # object id -> ad account, learned from listings
+        self.report_run_after_days = report_run_after_days
+        self.report_runs = report_runs or ReportRunPolicy()
+        self._answers = threading.local()  # the x-fb-trace-id of this thread's last answer
+
+    def _observe(self, resp: requests.Response, scope: str | None) -> None:
+        self._answers.trace_id = resp.headers.get("x-fb-trace-id")
+        super()._observe(resp, scope)
 
     # ----------------------------------------------------------------- paging
     def paged(
@@ -457,6 +548,8 @@ class GraphClient(MetaClient):
         level: str = "ad",
         lead_action_types: Sequence[str] = ("lead",),
         limit: int = 500,
+        report_run: bool | None = None,
+        on_progress: Callable[[ReportRunStatus], None] | None = None,
     ) -> pl.DataFrame:
         """Daily (`time_increment=1`) insights rows for `[since, until]` (inclusive dates).
 
@@ -464,19 +557,159 @@ class GraphClient(MetaClient):
         Float64; impressions, reach, clicks, inline_link_clicks Int64; ids and the rest Utf8;
         `actions`-like lists as List(Struct(action_type, value Float64)). When `actions` is
         requested, `leads` (Int64) sums the values of `lead_action_types` (0 when absent).
+
+        `report_run`: True reads through an async report run (`insights_report_run`), False pages
+        the synchronous edge; None (default) uses a report run only when the range is longer
+        than `report_run_after_days`. Both ways give the same rows and columns.
         """
         if until < since:
             raise ValueError(f"insights: until {until} is before since {since}")
-        params = {
-            "level": level,
-            "fields": ",".join(fields),
-            "time_increment": 1,
-            "time_range": json.dumps({"since": since.isoformat(), "until": until.isoformat()}),
-            "limit": limit,
-        }
+        if report_run is None:
+            threshold = self.report_run_after_days
+            report_run = threshold is not None and (until - since).days + 1 > threshold
+        if report_run:
+            return self.insights_report_run(
+                account_id,
+                since,
+                until,
+                fields,
+                level=level,
+                lead_action_types=lead_action_types,
+                limit=limit,
+                on_progress=on_progress,
+            )
+        params = {**_insights_query(since, until, fields, level), "limit": limit}
         path = self._path(account_path(account_id), "insights")
         rows = list(self.paged(path, params, scope=account_scope(account_id)))
         return insights_frame(rows, fields, lead_action_types=lead_action_types)
+
+    def insights_report_run(
+        self,
+        account_id: str,
+        since: date,
+        until: date,
+        fields: Sequence[str] = INSIGHT_FIELDS,
+        *,
+        level: str = "ad",
+        lead_action_types: Sequence[str] = ("lead",),
+        limit: int = 500,
+        on_progress: Callable[[ReportRunStatus], None] | None = None,
+    ) -> pl.DataFrame:
+        """`insights` through one async report run: start it, wait for `Job Completed`, page
+        its rows. Raises `ReportRunError` / `ReportRunTimeoutError` (see `wait_report_run`)."""
+        if until < since:
+            raise ValueError(f"insights: until {until} is before since {since}")
+        run_id = self.start_report_run(account_id, since, until, fields, level=level)
+        self.wait_report_run(run_id, account_id=account_id, on_progress=on_progress)
+        rows = list(self.report_run_rows(run_id, account_id=account_id, limit=limit))
+        return insights_frame(rows, fields, lead_action_types=lead_action_types)
+
+    def start_report_run(
+        self,
+        account_id: str,
+        since: date,
+        until: date,
+        fields: Sequence[str] = INSIGHT_FIELDS,
+        *,
+        level: str = "ad",
+    ) -> str:
+        """`POST act_<id>/insights` with the synchronous call's parameters; the `report_run_id`.
+
+        A retried POST (5xx, throttle) may leave an extra run on Meta's side; it is never read.
+        """
+        path = self._path(account_path(account_id), "insights")
+        data = _insights_query(since, until, fields, level)
+        answer = self.request("POST", path, data=data, scope=account_scope(account_id)) or {}
+        run_id = answer.get("report_run_id") or answer.get("id")
+        if not run_id:
+            raise TransportError(f"Graph API POST /{path}: answer carries no report_run_id")
+        log.info("insights report run %s started for %s, %s..%s", run_id, account_id, since, until)
+        return str(run_id)
+
+    def wait_report_run(
+        self,
+        report_run_id: str,
+        *,
+        account_id: str | None = None,
+        on_progress: Callable[[ReportRunStatus], None] | None = None,
+    ) -> ReportRunStatus:
+        """Poll `GET /<report_run_id>` until `async_status` is `Job Completed`; its last status.
+
+        Each poll is an ordinary call (timeouts, retries, throttle blocks); between polls the
+        client sleeps `report_runs.delay(n)`. Any other status (`Job Not Started`, `Job
+        Started`, `Job Running`, even at 100 %) keeps polling. `on_progress` and the log hear of
+        every change of status or percent. Raises `ReportRunError` on `Job Failed` / `Job
+        Skipped`, `ReportRunTimeoutError` once `report_runs.timeout_s` has passed.
+        """
+        policy = self.report_runs
+        scope = account_scope(account_id)
+        path = self._path(str(report_run_id))
+        params = {"fields": ",".join(REPORT_STATUS_FIELDS)}
+        started = self.clock()
+        seen: tuple[str, int] | None = None
+        polls = 0
+        while True:
+            body = self.request("GET", path, params=params, scope=scope) or {}
+            polls += 1
+            status = ReportRunStatus(
+                report_run_id=str(report_run_id),
+                async_status=str(body.get("async_status") or "unknown"),
+                percent_completion=_int_or_none(body.get("async_percent_completion")) or 0,
+                polls=polls,
+                elapsed_s=self.clock() - started,
+                date_start=body.get("date_start"),
+                date_stop=body.get("date_stop"),
+            )
+            if (status.async_status, status.percent_completion) != seen:
+                seen = (status.async_status, status.percent_completion)
+                log.info(
+                    "insights report run %s: %s, %d%% after %.0f s (%d polls)",
+                    report_run_id,
+                    status.async_status,
+                    status.percent_completion,
+                    status.elapsed_s,
+                    polls,
+                )
+                if on_progress is not None:
+                    on_progress(status)
+            if status.async_status == REPORT_COMPLETED:
+                return status
+            if status.async_status in REPORT_NO_DATA:
+                raise self._report_error(ReportRunError, status, "ended")
+            left = policy.timeout_s - (self.clock() - started)
+            if left <= 0:
+                raise self._report_error(
+                    ReportRunTimeoutError, status, f"not completed within {policy.timeout_s:.0f} s"
+                )
+            self.sleep(min(policy.delay(polls), left))
+
+    def report_run_rows(
+        self, report_run_id: str, *, account_id: str | None = None, limit: int = 500
+    ) -> Iterator[dict[str, Any]]:
+        """Raw rows of a completed report run (`GET /<report_run_id>/insights`, cursor-paged)."""
+        scope = account_scope(account_id)
+        yield from self.paged(
+            self._path(str(report_run_id), "insights"), {"limit": limit}, scope=scope
+        )
+
+    def _report_error(
+        self, cls: type[ReportRunError], status: ReportRunStatus, what: str
+    ) -> ReportRunError:
+        window = f" for {status.date_start}..{status.date_stop}" if status.date_start else ""
+        message = (
+            f"Graph API insights report run {status.report_run_id}{window} {what}: "
+            f"async_status {status.async_status!r} at {status.percent_completion}% after "
+            f"{status.polls} polls ({status.elapsed_s:.0f} s)"
+        )
+        return cls(
+            self._redact(message),
+            report_run_id=status.report_run_id,
+            async_status=status.async_status,
+            percent_completion=status.percent_completion,
+            trace_id=getattr(self._answers, "trace_id", None),
+            method="GET",
+            path="/" + self._path(status.report_run_id),
+        )
 
     # ----------------------------------------------------------------- leads
     def leads(
@@ -742,6 +975,16 @@ def _cast_metrics(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 # --------------------------------------------------------------------- small helpers
+def _insights_query(since: date, until: date, fields: Sequence[str], level: str) -> dict[str, Any]:
+    """Parameters shared by the synchronous insights call and the report run that replaces it."""
+    return {
+        "level": level,
+        "fields": ",".join(fields),
+        "time_increment": 1,
+        "time_range": json.dumps({"since": since.isoformat(), "until": until.isoformat()}),
+    }
+
+
 def _update_fields(daily_budget: int | None, status: str | None) -> dict[str, str]:
     if daily_budget is None and status is None:
         raise ValueError("nothing to update: pass daily_budget and/or status")

@@ -2,10 +2,13 @@
 lead-form leads and daily insights (group `ads`). Each run is idempotent: re-running a window
 adds nothing new, and re-materializing an insights day replaces that day only."""
 
+import itertools
+import warnings
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from optimizer_assets.clients.graph import AD_FIELDS_WITH_TRAITS
 from optimizer_assets.defs.partitions import daily_partitions
@@ -23,6 +26,11 @@ from optimizer_assets.settings import AccountSettings
 OVERLAP = timedelta(minutes=15)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALL_STATUSES = ("ACTIVE", "PAUSED", "ARCHIVED", "DELETED")
+# insights runs covering more days than this use one async report run per account: the hourly
+# (1 day) and re-pull (3 days) runs stay synchronous, a 30-day backfill does not
+INSIGHTS_REPORT_RUN_AFTER_DAYS = 7
+# deals stored per warehouse write in `hubspot_deals` (progress is logged after each)
+DEAL_CHUNK = 20_000
 
 
 def _ms(moment: datetime) -> int:
@@ -58,22 +66,33 @@ def hubspot_deals(
     ``hubspot_deal_snapshots`` from which stage transitions are derived."""
     wh, now = warehouse.get(), optimizer.now()
     since = _watermark(wh, "hubspot_deal_snapshots", "updated_at")
+    accounts = optimizer.settings().pipeline_accounts()
+    fetched = new_states = 0
+    unmapped: set[str] = set()
     with hubspot.client() as client:
-        records = list(client.search_deals_modified(_ms(since), _ms(now)))
+        # The search yields deals by ascending hs_lastmodifieddate, so each stored chunk moves the
+        # watermark forward: a crash loses at most one chunk, and the next run resumes there.
+        found = client.search_deals_modified(_ms(since), _ms(now))
+        while records := list(itertools.islice(found, DEAL_CHUNK)):
+            deals = crm.deals_frame(records, accounts)
+            wh.upsert("hubspot_deals", deals, ["deal_id"])
+            new_states += wh.append_new(
+                "hubspot_deal_snapshots", deals, ["deal_id", "updated_at", "dealstage"]
+            ).height
+            fetched += deals.height
+            unmapped.update(deals.filter(pl.col("account_id").is_null())["pipeline"].unique())
+            context.log.info(
+                f"hubspot_deals: {fetched:,} deals stored, modified up to "
+                f"{deals['updated_at'].max()}, {client.request_count:,} HTTP requests"
+            )
         http_requests = client.request_count
-    deals = crm.deals_frame(records, optimizer.settings().pipeline_accounts())
-    wh.upsert("hubspot_deals", deals, ["deal_id"])
-    new_states = wh.append_new(
-        "hubspot_deal_snapshots", deals, ["deal_id", "updated_at", "dealstage"]
-    )
-    unmapped = deals.filter(pl.col("account_id").is_null())["pipeline"].unique().to_list()
     if unmapped:
         context.log.warning(f"deals in pipelines not mapped to an ad account: {sorted(unmapped)}")
     return dg.MaterializeResult(
         metadata={
             "row_count": wh.query("SELECT count(*) AS n FROM hubspot_deals")["n"][0],
-            "fetched": deals.height,
-            "new_states": new_states.height,
+            "fetched": fetched,
+            "new_states": new_states,
             "unmapped_pipelines": len(unmapped),
             "http_requests": http_requests,
             "window_start": dg.MetadataValue.timestamp(since),
@@ -216,44 +235,80 @@ def meta_leads(
     )
 
 
-@dg.asset(
-    group_name="ads",
-    kinds={"meta", "duckdb"},
-    partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    pool="duckdb",
-)
-def meta_ad_insights(
-    context: dg.AssetExecutionContext,
-    optimizer: OptimizerResource,
-    meta: MetaResource,
-    warehouse: WarehouseResource,
-) -> dg.MaterializeResult:
-    """Daily ad-level insights; re-materializing a day replaces that day only. A backfill runs
-    as one run over its whole range (one insights request series per account)."""
-    window = context.partition_time_window
-    since, until = window.start.date(), (window.end - timedelta(days=1)).date()
-    days = [since + timedelta(days=i) for i in range((until - since).days + 1)]
-    frames = []
-    with meta.graph() as graph:
-        for account in managed_accounts(optimizer, meta):
-            raw = graph.insights(account.account_id, since, until)
-            frames.append(ads_domain.insights_rows(raw, account.account_id))
-        http_requests = graph.request_count
-    rows = pl.concat(frames) if frames else pl.DataFrame(schema=ads_domain.INSIGHTS_SCHEMA)
-    warehouse.get().replace_where("meta_ad_insights", rows, "date", days)
-    return dg.MaterializeResult(
-        metadata={
-            "row_count": rows.height,
-            "days": len(days),
-            "spend": float(rows["spend"].sum()),
-            "clicks": int(rows["clicks"].sum()),
-            "impressions": int(rows["impressions"].sum()),
-            "http_requests": http_requests,
-            "window_start": dg.MetadataValue.timestamp(window.start),
-            "window_end": dg.MetadataValue.timestamp(window.end),
-        }
+class InsightsConfig(dg.Config):
+    """Run config of ``meta_ad_insights``."""
+
+    report_run_after_days: int = Field(
+        default=INSIGHTS_REPORT_RUN_AFTER_DAYS,
+        ge=0,
+        description="Runs covering more days than this read each account's insights through one "
+        "async report run (start, poll until 'Job Completed', page the results); shorter runs "
+        "page the synchronous insights edge. Both store the same rows.",
     )
+
+
+# BackfillPolicy.single_run() is a beta parameter of @asset in dagster 1.13 (BetaWarning at load),
+# yet `dagster asset materialize --partition-range` refuses ranges without it (dagster/_cli/asset.py
+# in 1.13.27), and the insights re-pull schedule launches ranged runs: silence exactly that warning.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Parameter `backfill_policy` of function `asset` is currently in beta",
+        category=dg.BetaWarning,
+    )
+
+    @dg.asset(
+        group_name="ads",
+        kinds={"meta", "duckdb"},
+        partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool="duckdb",
+    )
+    def meta_ad_insights(
+        context: dg.AssetExecutionContext,
+        config: InsightsConfig,
+        optimizer: OptimizerResource,
+        meta: MetaResource,
+        warehouse: WarehouseResource,
+    ) -> dg.MaterializeResult:
+        """Daily ad-level insights; re-materializing a day replaces that day only. A backfill runs
+        as one run over its whole range; past ``report_run_after_days`` days each account is read
+        through one async report run instead of paging the synchronous edge."""
+        window = context.partition_time_window
+        since, until = window.start.date(), (window.end - timedelta(days=1)).date()
+        days = [since + timedelta(days=i) for i in range((until - since).days + 1)]
+        report_run = len(days) > config.report_run_after_days
+        frames = []
+        with meta.graph() as graph:
+            accounts = managed_accounts(optimizer, meta)
+            for account in accounts:
+                raw = graph.insights(
+                    account.account_id,
+                    since,
+                    until,
+                    report_run=report_run,
+                    on_progress=lambda s, a=account.account_id: context.log.info(
+                        f"account {a}: insights report run {s.report_run_id} {s.async_status} "
+                        f"({s.percent_completion}%, {s.elapsed_s:.0f} s)"
+                    ),
+                )
+                frames.append(ads_domain.insights_rows(raw, account.account_id))
+            http_requests = graph.request_count
+        rows = pl.concat(frames) if frames else pl.DataFrame(schema=ads_domain.INSIGHTS_SCHEMA)
+        warehouse.get().replace_where("meta_ad_insights", rows, "date", days)
+        return dg.MaterializeResult(
+            metadata={
+                "row_count": rows.height,
+                "days": len(days),
+                "spend": float(rows["spend"].sum()),
+                "clicks": int(rows["clicks"].sum()),
+                "impressions": int(rows["impressions"].sum()),
+                "http_requests": http_requests,
+                "report_runs": len(accounts) if report_run else 0,
+                "window_start": dg.MetadataValue.timestamp(window.start),
+                "window_end": dg.MetadataValue.timestamp(window.end),
+            }
+        )
 
 
 assets = ingestion_assets = [
