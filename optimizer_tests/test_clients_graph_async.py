@@ -303,3 +303,47 @@ def test_asset_range_past_threshold_uses_report_runs_and_replaces_only_its_days(
     assert runs.height > 0 and runs.equals(sync)
     assert set(runs["date"]) == set(days)  # the day outside the range was kept
     assert runs.select("date", "ad_id").is_unique().all()  # the day inside was replaced once
+
+
+def test_sandbox_slow_and_failed_report_runs(sandbox) -> None:
+    """The sandbox's own report-run faults (no scripted transport): a job that stays running
+    for a few polls is waited out and read after it completes; a failed job raises."""
+    accounts, since, until = world_range(sandbox)
+    expected = graph(sandbox, FakeClock()).insights(accounts[0], since, until)
+    try:
+        sandbox.set_faults(Faults(report_run_polls=3))
+        clock = FakeClock()
+        heard: list[ReportRunStatus] = []
+        client = graph(sandbox, clock)
+        frame = client.insights(
+            accounts[0], since, until, report_run=True, on_progress=heard.append
+        )
+        assert_frame_equal(frame.sort(KEYS), expected.sort(KEYS))
+        assert [s.async_status for s in heard] == ["Job Running"] * 3 + ["Job Completed"]
+        assert [s.percent_completion for s in heard][:3] == [33, 67, 100]
+        assert clock.sleeps == [1.0, 2.0, 4.0]
+
+        sandbox.set_faults(Faults(rate_report_failed=1.0))
+        with pytest.raises(ReportRunError, match="Job Failed") as failed:
+            graph(sandbox, FakeClock()).insights(accounts[0], since, until, report_run=True)
+        assert META_TOKEN not in str(failed.value)
+    finally:
+        sandbox.set_faults(Faults())
+
+
+def test_sandbox_refuses_results_of_an_unfinished_report_run(sandbox, sandbox_session) -> None:
+    accounts, since, until = world_range(sandbox)
+    base = f"{sandbox.base_url}/v24.0"
+    params = {"level": "ad", "time_increment": 1, "fields": "ad_id,spend"}
+    params["time_range"] = json.dumps({"since": since.isoformat(), "until": until.isoformat()})
+    try:
+        sandbox.set_faults(Faults(report_run_polls=1))
+        run = sandbox_session.post(f"{base}/act_{accounts[0]}/insights", data=params).json()
+        early = sandbox_session.get(f"{base}/{run['report_run_id']}/insights")
+        assert early.status_code == 400 and "not completed" in early.json()["error"]["message"]
+        assert sandbox_session.get(f"{base}/{run['report_run_id']}").json()["async_status"] == (
+            "Job Running"
+        )
+        assert sandbox_session.get(f"{base}/{run['report_run_id']}/insights").status_code == 200
+    finally:
+        sandbox.set_faults(Faults())

@@ -18,6 +18,11 @@ class Faults:
       (code 4, 17/2446079, 80004/2446079 or, on insights, 80000/2446079) and usage headers at 100%.
     - ``rate_null_batch_item``: batch items that come back ``null`` (not executed, like a timeout).
     - ``slow_share``/``slow_seconds``: requests delayed by ``slow_seconds`` (async sleep).
+    - ``report_run_polls``: status polls an async insights report run answers ``Job Running``
+      (percent growing, 100 on the last such poll, as Meta sometimes does) before it ends.
+    - ``rate_report_failed``: share of report runs that end ``Job Failed`` instead of
+      ``Job Completed`` (drawn when the run starts, from a generator of its own so the
+      per-request fault sequence stays the same).
     - ``seed``: seed of the generator that draws the faults, in request order.
     """
 
@@ -27,16 +32,22 @@ class Faults:
     rate_null_batch_item: float = 0.0
     slow_share: float = 0.0
     slow_seconds: float = 0.0
+    report_run_polls: int = 0
+    rate_report_failed: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rate_429", "rate_5xx", "rate_throttle", "rate_null_batch_item", "slow_share"):
+        rates = ("rate_429", "rate_5xx", "rate_throttle", "rate_null_batch_item", "slow_share")
+        for name in (*rates, "rate_report_failed"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"Faults.{name} must be in [0, 1], got {value}")
             setattr(self, name, value)
         if self.slow_seconds < 0:
             raise ValueError("Faults.slow_seconds must be >= 0")
+        if int(self.report_run_polls) != self.report_run_polls or self.report_run_polls < 0:
+            raise ValueError("Faults.report_run_polls must be a whole number >= 0")
+        self.report_run_polls = int(self.report_run_polls)
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> Faults:
@@ -111,6 +122,7 @@ class FaultInjector:
     def set(self, faults: Faults) -> None:
         self.faults = faults
         self.rng = np.random.default_rng(faults.seed)
+        self.report_rng = np.random.default_rng([faults.seed, 1])
 
     def draw_request_faults(self, family: str) -> dict[str, Any]:
         """Faults for one request of a route family ("graph", "capi" or "hubspot")."""
@@ -123,6 +135,11 @@ class FaultInjector:
             "throttle": bool(u[2] < throttle_rate),
             "variant": float(u[3]),
         }
+
+    def draw_report_run(self) -> dict[str, Any]:
+        """How one async report run behaves: polls it stays running, and whether it fails."""
+        failed = bool(self.report_rng.random() < self.faults.rate_report_failed)
+        return {"running_polls": self.faults.report_run_polls, "failed": failed}
 
     def draw_null_item(self) -> bool:
         """Whether one batch item comes back ``null``."""

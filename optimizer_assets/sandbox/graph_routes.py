@@ -393,17 +393,7 @@ def _read_object(
         frame = leads_frame(state).filter(pl.col("id") == object_id)
         return _render_leads(frame, fields)[0]
     if kind == "report_run":
-        run = state.report_runs[object_id]
-        return {
-            "id": object_id,
-            "account_id": run["account_id"],
-            "async_status": "Job Completed",
-            "async_percent_completion": 100,
-            "date_start": run["since"],
-            "date_stop": run["until"],
-            "time_ref": run["time_ref"],
-            "time_completed": run["time_ref"],
-        }
+        return _report_status(state.report_runs[object_id], object_id)
     if kind == "form":
         return {"id": object_id, "name": f"Lead form {object_id}", "status": "ACTIVE"}
     if kind == "pixel":
@@ -647,7 +637,12 @@ def _insights(
 
 
 def _start_report(state: SandboxState, call: GraphCall, account_id: str) -> dict[str, Any]:
-    """Async insights job: computed at once (a snapshot), then read via ``/{id}/insights``."""
+    """Async insights job: computed at once (a snapshot), then read via ``/{id}/insights``.
+
+    With the ``report_run_polls`` / ``rate_report_failed`` faults a run answers ``Job Running``
+    for that many status polls, then ``Job Completed`` (or ``Job Failed``); its results can be
+    read only once it completed.
+    """
     since, until, level, increment, fields = _insight_query(state, call.params, "account")
     table = insights_table(state, account_id, since, until, level, increment, None)
     run_id = str(900_000_000_000_000 + state.next_id())
@@ -658,12 +653,42 @@ def _start_report(state: SandboxState, call: GraphCall, account_id: str) -> dict
         "table": table,
         "fields": fields,
         "time_ref": int(state.world.now.timestamp()),
+        "polls": 0,
+        **state.injector.draw_report_run(),
     }
     return {"report_run_id": run_id}
 
 
+def _report_status(run: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """One status poll of a report run (each poll moves a running job on)."""
+    run["polls"] += 1
+    running = run["polls"] <= run["running_polls"]
+    if running:
+        status, percent = "Job Running", round(100 * run["polls"] / run["running_polls"])
+    else:
+        status, percent = ("Job Failed", 0) if run["failed"] else ("Job Completed", 100)
+    body = {
+        "id": run_id,
+        "account_id": run["account_id"],
+        "async_status": status,
+        "async_percent_completion": percent,
+        "date_start": run["since"],
+        "date_stop": run["until"],
+        "time_ref": run["time_ref"],
+    }
+    if status == "Job Completed":
+        body["time_completed"] = run["time_ref"]
+    return body
+
+
 def _report_insights(state: SandboxState, call: GraphCall, run_id: str) -> dict[str, Any]:
     run = state.report_runs[run_id]
+    if run["failed"] or run["polls"] < run["running_polls"]:
+        raise GraphError(
+            f"(#100) Report run {run_id} has not completed; poll it until async_status is "
+            "Job Completed",
+            code=100,
+        )
     fields = parse_fields(call.params.get("fields")) or run["fields"]
     check_fields(fields, INSIGHT_FIELDS, "AdsInsights")
     link = make_link(call.base_url, call.version, call.path, call.params)
