@@ -14,8 +14,11 @@ from optimizer_assets.domain.instant_learner import (
     InstantLearner,
     LearnerConfig,
     decay_counts,
+    detect_drifts,
+    events_from_insights,
     evidence_decay,
 )
+from optimizer_assets.sandbox.world import World, WorldConfig
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 VOCAB = {
@@ -325,3 +328,63 @@ def test_decay_counts_discounts_only_pre_change_evidence():
     assert whole["spend"].to_list() == pytest.approx([60.0, 20.0, 50.0])
     assert whole["conversions"].to_list() == pytest.approx([0.6, 0.0, 1.0])
     assert whole.columns == [*ads.columns, "evidence_factor"]
+
+
+def _sandbox_insights(drift_at_hours: float | None) -> tuple[World, pl.DataFrame]:
+    """Daily insights of a small seeded sandbox world (2 accounts x 16 ads, 20 days)."""
+    days = 20
+    cfg = WorldConfig(
+        seed=6,
+        accounts=2,
+        ads_per_account=16,
+        drift_strength=0.8,
+        drift_at_hours=drift_at_hours,
+    )
+    world = World(cfg)
+    world.advance(days * 24)
+    start = cfg.start.date()
+    insights = pl.concat(
+        world.insights(a, start, start + timedelta(days=days))
+        for a in world.accounts()["account_id"]
+    )
+    return world, insights
+
+
+def test_detects_the_sandbox_hook_type_ctr_shift_and_stays_quiet_without_it():
+    # the sandbox drift moves CTR by hook type in both directions (no account-level change):
+    # the surprise streams (counts vs each ad's own baseline) must see it in every account
+    world, insights = _sandbox_insights(240.0)
+    truth = {d["account_id"]: datetime.fromisoformat(d["at"]) for d in world.truth_drifts()}
+    assert len(truth) == 2
+    learner = InstantLearner()
+    drifts = detect_drifts(insights, world.ads(), learner=learner)
+    assert drifts.equals(learner.drifts)
+    for account, at in truth.items():
+        mine = drifts.filter(pl.col("account_id") == account)
+        assert mine.height >= 1, account
+        assert mine["detected_at"].min() >= at  # nothing before the drift
+        # rows of a day arrive at its end: the first post-drift rows come 24 h after it
+        assert mine["detected_at"].min() <= at + timedelta(hours=72)
+    assert set(learner.drift_details["signal"]) <= {"ad_surprise", "trait_surprise"}
+    # the same world without the drift raises no alarm
+    world, insights = _sandbox_insights(None)
+    assert world.truth_drifts() == []
+    assert detect_drifts(insights, world.ads()).height == 0
+
+
+def test_events_from_insights_takes_graph_rows_and_ends_each_day():
+    insights = pl.DataFrame(
+        {
+            "date_start": [date(2026, 11, 1), date(2026, 11, 2)],
+            "ad_id": ["x", "x"],
+            "account_id": ["a", "a"],
+            "impressions": [100, 100],
+            "clicks": [3, 4],
+            "leads": [0, 1],
+        }
+    )
+    ads = pl.DataFrame({"ad_id": ["x"], "hook_type": ["offer"], "format": ["video"]})
+    events = events_from_insights(insights, ads, now=datetime(2026, 11, 2, 12, tzinfo=UTC))
+    assert events["event_key"].to_list() == ["x:2026-11-01"]
+    assert events["occurred_at"].to_list() == [datetime(2026, 11, 2, tzinfo=UTC)]
+    assert events["hook_type"].to_list() == ["offer"]

@@ -14,11 +14,22 @@ on polars mini-batches (whose per-call frame conversion dominates; river's ``One
 on polars costs ~10 ms per mini-batch on top). The one-hot encoding, the predictions (river's
 ``mean_func(x . w + intercept)`` on numpy) and the drift residuals are vectorized per chunk.
 
-Drift: the residual of each event against the shared (trait) part of the model feeds one river
-``ADWIN`` per (account, target). A detection whose pooled rate change is at least ``min_shift``
-becomes a drift record, raises that account's learning rate (per-event sample weights) for a
-while, and lets the allocator discount evidence from before the change through
-:func:`evidence_decay` and :func:`decay_counts`.
+Drift: river ``ADWIN`` detectors per account watch how *surprising* each ad-day's clicks are
+against the ad's own recent CTR (an exponentially weighted baseline, half-life 14 days, kept
+per ad): ``z^2 = (clicks - expected)^2 / (expected + expected^2 / baseline clicks + 1)``, whose mean
+is ~1 while nothing changes. Two streams per account: ``ad_surprise`` (one z^2 per ad-day) and
+``trait_surprise`` (clicks pooled per creative trait value and day, after dividing out the
+account-day's common ratio, so a shift shared by the ads of one hook type adds up while fatigue
+common to all ads does not). A CTR shift of some traits only - up for some hook types, down for
+others, no account-level change, as the sandbox's drift - raises both, where a signed error
+stream stays flat. A detection counts when the mean z^2 rises by ``surprise_min_rise`` with a
+t-like ratio of at least ``surprise_min_t``; it becomes a drift record (``shift`` = pooled log
+rate ratio after / before the estimated change point), raises that account's learning rate
+(per-event sample weights) for a while, and lets the allocator discount evidence from before
+the change through :func:`evidence_decay` and :func:`decay_counts`. The earlier signed ``level``
+stream (log residual vs the shared trait part) is still available (``LearnerConfig(level=
+True)``) but off: on the sandbox it missed the hook-type drift and fired on ad fatigue.
+:func:`detect_drifts` runs the learner over daily insights rows as the asset does.
 
 Events frame (input of :meth:`InstantLearner.learn_many`), one row per observation window of an
 ad (typically one ``meta_ad_insights`` row, or a matured lead cohort carrying value):
@@ -58,6 +69,7 @@ from river import drift, linear_model, optim
 TRAITS: tuple[str, ...] = ("hook_type", "format", "cta", "emotion")
 FEATURES: tuple[str, ...] = ("account_id", *TRAITS, "dow")
 TARGETS: tuple[str, ...] = ("ctr", "click_to_lead", "lead_value")
+SURPRISE_TARGETS: tuple[str, ...] = ("ctr", "click_to_lead")  # count targets (Poisson z)
 PRED_COLUMNS: dict[str, str] = {
     "ctr": "pred_ctr",
     "click_to_lead": "pred_click_to_lead",
@@ -71,14 +83,18 @@ DRIFT_SCHEMA: dict[str, pl.DataType] = {
     "events_seen": pl.Int64(),
     "shift": pl.Float64(),
 }
+# DRIFT_SCHEMA plus the stream that raised the alarm: "ad_surprise", "trait_surprise" or "level"
+DRIFT_DETAIL_SCHEMA: dict[str, pl.DataType] = {**DRIFT_SCHEMA, "signal": pl.Utf8()}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _TAIL = 2048  # recent residuals kept per stream to locate the change point after a detection
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """Knobs of the instant learner (defaults tuned on bench/learning.py synthetic streams)."""
+    """Knobs of the instant learner. Drift defaults were tuned on the sandbox (``World`` seeds
+    1-5, 30 days, with and without its drift) and checked against bench/learning.py's synthetic
+    streams; ``python -m optimizer_assets.bench learning`` reports seeds 11-20."""
 
     lr: float = 0.01  # SGD step per event (rates are normalized to ~1)
     l2: float = 1e-4
@@ -86,15 +102,30 @@ class LearnerConfig:
     account_scale: float = 3.0  # one-hot value of the account feature (see InstantLearner)
     # an account offset moves by lr * account_scale**2 * weight * drift_lr_boost per unit error
     # (0.27 here): small enough that one noisy event cannot swing an account
+    ad_scale: float = 0.0  # one-hot value of an ad_id feature (0 = none; a fast per-ad offset
+    # absorbed the sandbox drift within a day, so drift is watched against ad baselines instead)
     batch_size: int = 64  # events whose drift residuals come from one model snapshot
     weight_half: float = 1.0  # expected successes at which an event reaches half weight
+    # level stream (off by default): residual shrinkage, clip and size gate
     prior_events: float = 2.0  # pseudo-successes that shrink the residual of thin events to 0
     residual_clip: float = 2.0  # |log(observed / expected)| cap fed to ADWIN
-    adwin_delta: float = 0.002
+    adwin_delta: float = 0.02  # ad_surprise and level streams (z^2 is calibrated, mean ~1)
     adwin_clock: int = 8
     adwin_grace: int = 30  # events per stream before ADWIN may fire
     min_shift: float = 0.15  # |log rate ratio| a detection needs to count (ADWIN alone flags
     # tiny but significant wobbles on high-volume accounts)
+    surprise: bool = True  # watch z^2 of each ad-day's count vs the ad's own recent rate
+    surprise_clip: float = 9.0  # cap of z^2 fed to ADWIN
+    # of SURPRISE_TARGETS; click_to_lead (few leads per ad-day) raised false alarms
+    surprise_targets: tuple[str, ...] = ("ctr",)
+    surprise_by: tuple[str, ...] = ("ad", "trait")  # which surprise streams to watch
+    trait_adwin_delta: float = 0.0005  # ADWIN delta of the trait_surprise streams
+    trait_surprise_clip: float = 9.0
+    surprise_min_base: float = 5.0  # successes behind an ad's baseline before it is scored
+    baseline_half_life_h: float = 336.0  # 168 h detected fewer sandbox drifts (10 vs 13 of 15)
+    surprise_min_t: float = 4.0  # rise / its standard error a surprise detection needs
+    surprise_min_rise: float = 0.3  # mean z^2 rise a surprise detection needs to count
+    level: bool = False  # watch the signed log residual vs the shared (trait) part
     drift_lr_boost: float = 3.0  # sample-weight multiplier after a drift (raised learning rate)
     drift_boost_hours: float = 72.0
     drift_cooldown_hours: float = 72.0  # one record per account per burst of detections
@@ -170,7 +201,9 @@ class InstantLearner:
         }
         # account columns carry a larger value so account offsets adapt ~scale^2 faster than the
         # shared trait effects: one account's drift then moves its own offset, not the others'
-        self._feature_value = np.array([cfg.account_scale] + [1.0] * (len(FEATURES) - 1))
+        self.features: tuple[str, ...] = FEATURES + (("ad_id",) if cfg.ad_scale > 0 else ())
+        values = [cfg.account_scale] + [1.0] * (len(FEATURES) - 1)
+        self._feature_value = np.array(values + ([cfg.ad_scale] if cfg.ad_scale > 0 else []))
         # one-hot registry: "feature=value" column names, in order of first sight
         self.columns: list[str] = []
         self._column_index: dict[str, int] = {}
@@ -182,8 +215,10 @@ class InstantLearner:
         self.events_learned = 0
         self.events_seen: dict[str, int] = {}
         self.last_skipped_late = 0
-        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._streams: dict[tuple[str, str, str], _Stream] = {}
         self._drifts: list[dict] = []
+        # per target: ad_id -> (decayed successes, decayed denominator, last update in us)
+        self._baselines: dict[str, dict[str, tuple[float, float, int]]] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -198,8 +233,14 @@ class InstantLearner:
 
     @property
     def drifts(self) -> pl.DataFrame:
-        """Every drift detected so far: account_id, target, detected_at, changed_at, events_seen."""
-        return pl.DataFrame(self._drifts, schema=DRIFT_SCHEMA)
+        """Every drift detected so far: account_id, target, detected_at, changed_at, events_seen,
+        shift (pooled log rate ratio after / before the estimated change point)."""
+        return self.drift_details.select(list(DRIFT_SCHEMA))
+
+    @property
+    def drift_details(self) -> pl.DataFrame:
+        """:attr:`drifts` plus the ``signal`` (stream) that raised each alarm."""
+        return pl.DataFrame(self._drifts, schema=DRIFT_DETAIL_SCHEMA)
 
     def learn_one(self, event: dict) -> pl.DataFrame:
         """River-style single-event update (same columns as a row of the events frame)."""
@@ -225,10 +266,14 @@ class InstantLearner:
         acc_seen = seen.to_numpy()
         obs = {t: _observations(frame, t, self.scales[t], cfg) for t in TARGETS}
         # chunks share one model snapshot for the (vectorized) residuals; learning is per event
+        if cfg.surprise:
+            for t in cfg.surprise_targets:
+                self._watch_surprise(t, frame, acc_seen)
         for start in range(0, frame.height, cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             X, names, pos = self._design(codes[sl])
             acc_col = pos[:, 0]  # every learned event has an account
+            ad_col = pos[:, -1] if cfg.ad_scale > 0 else None
             xs = None
             boost, n_drifts = None, -1
             for t in TARGETS:
@@ -239,15 +284,20 @@ class InstantLearner:
                 reg = self.regressors[t]
                 w = self._weight_vector(reg, names)
                 eta = X @ w + reg.intercept
-                # drift is watched against the shared (trait) part of the prediction: the fast
-                # account offset would otherwise absorb a shift before ADWIN has enough evidence
-                reference = np.exp(eta - w[acc_col] * cfg.account_scale)
-                resid = _residual(y, units, reference, cfg)
                 m = mask
-                observed, expected = (y * units)[m], (reference * units)[m]
-                self._watch(
-                    t, acc[sl][m], times[sl][m], resid[m], observed, expected, acc_seen[sl][m]
-                )
+                where = (acc[sl][m], times[sl][m], acc_seen[sl][m])
+                observed = (y * units)[m]
+                if cfg.level:
+                    # level drift is watched against the shared (trait) part of the prediction:
+                    # the fast account and ad offsets would otherwise absorb a shift before ADWIN
+                    # has enough evidence
+                    shared = eta - w[acc_col] * cfg.account_scale
+                    if ad_col is not None:
+                        shared = shared - np.where(ad_col >= 0, w[ad_col], 0.0) * cfg.ad_scale
+                    reference = np.exp(shared)
+                    resid = _residual(y, units, reference, cfg)
+                    expected = (reference * units)[m]
+                    self._watch(t, "level", *where, resid[m], observed, expected)
                 if len(self._drifts) != n_drifts:  # a detection in this batch boosts its rest
                     boost, n_drifts = self._boost(acc[sl], times[sl]), len(self._drifts)
                 if xs is None:
@@ -264,13 +314,14 @@ class InstantLearner:
     def predict_many(self, ads: pl.DataFrame, *, now: datetime) -> pl.DataFrame:
         """Return ``ads`` with pred_ctr, pred_click_to_lead, pred_lead_value, pred_value_per_click.
 
-        ``ads`` needs account_id and the trait columns (missing traits count as unknown); the day
-        of week comes from ``now``. A target never learned yet predicts null.
+        ``ads`` needs account_id and the trait columns (missing traits count as unknown); with
+        ad_id, a known ad's own offset is included. The day of week comes from ``now``. A target
+        never learned yet predicts null.
         """
         X = ads.select(
             [
                 (pl.col(c) if c in ads.columns else pl.lit(None)).cast(pl.Utf8).alias(c)
-                for c in ("account_id", *TRAITS)
+                for c in ("account_id", *TRAITS, "ad_id")
             ]
         ).with_columns(pl.lit(str(now.weekday())).alias("dow"))
         preds = self._predict(X)
@@ -282,9 +333,11 @@ class InstantLearner:
         )
 
     def predict_one(self, x: dict) -> dict[str, float | None]:
-        """River-style prediction for one context dict (account_id, traits, dow 0=Monday)."""
-        row = {c: None if x.get(c) is None else str(x[c]) for c in FEATURES}
-        preds = self._predict(pl.DataFrame([row], schema=dict.fromkeys(FEATURES, pl.Utf8)))
+        """River-style prediction for one context dict (account_id, traits, dow 0=Monday, and
+        optionally ad_id)."""
+        cols = (*FEATURES, "ad_id")
+        row = {c: None if x.get(c) is None else str(x[c]) for c in cols}
+        preds = self._predict(pl.DataFrame([row], schema=dict.fromkeys(cols, pl.Utf8)))
         return {t: None if np.isnan(preds[t][0]) else float(preds[t][0]) for t in TARGETS}
 
     def to_bytes(self) -> bytes:
@@ -305,9 +358,11 @@ class InstantLearner:
     # ------------------------------------------------------------------ internals
 
     def _encode(self, X: pl.DataFrame, *, grow: bool) -> np.ndarray:
-        """(n, len(FEATURES)) global one-hot column index per feature; -1 = null or unseen."""
-        out = np.full((X.height, len(FEATURES)), -1, dtype=np.int64)
-        for j, f in enumerate(FEATURES):
+        """(n, len(features)) global one-hot column index per feature; -1 = null or unseen."""
+        out = np.full((X.height, len(self.features)), -1, dtype=np.int64)
+        for j, f in enumerate(self.features):
+            if f not in X.columns:  # e.g. no ad_id: the ad offset counts as unknown
+                continue
             names = (pl.lit(f + "=") + X[f].cast(pl.Utf8)).alias("n")
             col = X.select(names).to_series()
             if grow:
@@ -403,28 +458,38 @@ class InstantLearner:
     def _watch(
         self,
         target: str,
+        signal: str,
         acc: np.ndarray,
         times: np.ndarray,
+        seen: np.ndarray,
         resid: np.ndarray,
         observed: np.ndarray,
         expected: np.ndarray,
-        seen: np.ndarray,
     ) -> None:
-        """Feed residuals to each account's ADWIN; record drifts that matter (size, cooldown)."""
+        """Feed residuals to each account's ADWIN; record drifts that matter (size, cooldown).
+
+        ``level`` streams count a detection whose pooled log rate ratio moves by ``min_shift``;
+        ``surprise`` streams one whose mean |z| rises by ``surprise_min_rise`` (a fall is the
+        model catching up, not a drift).
+        """
         cfg = self.config
         order = np.argsort(acc, kind="stable")
         accounts, starts = np.unique(acc[order], return_index=True)
         bounds = np.append(starts, len(order))
         for a, lo, hi in zip(accounts.tolist(), bounds[:-1], bounds[1:], strict=True):
             idx = order[lo:hi]
-            stream = self._streams.get((a, target))
+            stream = self._streams.get((a, target, signal))
             if stream is None:
                 stream = _Stream(
                     drift.ADWIN(
-                        delta=cfg.adwin_delta, clock=cfg.adwin_clock, grace_period=cfg.adwin_grace
+                        delta=cfg.trait_adwin_delta
+                        if signal == "trait_surprise"
+                        else cfg.adwin_delta,
+                        clock=cfg.adwin_clock,
+                        grace_period=cfg.adwin_grace,
                     )
                 )
-                self._streams[(a, target)] = stream
+                self._streams[(a, target, signal)] = stream
             offset = len(stream.values)
             stream.extend(resid[idx], observed[idx], expected[idx], times[idx])
             cut = 0  # history before the last detection is not reused for the next change point
@@ -436,15 +501,31 @@ class InstantLearner:
                     begin = max(cut, end - _TAIL)
                     cp, shift = stream.locate(begin, end)
                     cut = end
-                    if abs(shift) >= cfg.min_shift:
-                        t_us = int(stream.times[end - 1])
-                        self._record(
-                            a, target, t_us, int(stream.times[cp]), int(seen[idx][i]), shift
+                    if signal.endswith("surprise"):
+                        v = stream.values
+                        rise = float(v[cp:end].mean() - v[begin:cp].mean())
+                        n1, n2 = max(cp - begin, 1), max(end - cp, 1)
+                        t_stat = rise / (
+                            (float(v[begin:end].std()) + 1e-9) * np.sqrt(1 / n1 + 1 / n2)
                         )
+                        matters = rise >= cfg.surprise_min_rise and t_stat >= cfg.surprise_min_t
+                    else:
+                        matters = abs(shift) >= cfg.min_shift
+                    if matters:
+                        t_us = int(stream.times[end - 1])
+                        cp_us = int(stream.times[cp])
+                        self._record(a, target, signal, t_us, cp_us, int(seen[idx][i]), shift)
             stream.trim(max(cut, len(stream.values) - _TAIL))
 
     def _record(
-        self, account: str, target: str, t_us: int, cp_us: int, seen: int, shift: float
+        self,
+        account: str,
+        target: str,
+        signal: str,
+        t_us: int,
+        cp_us: int,
+        seen: int,
+        shift: float,
     ) -> None:
         cooldown = int(self.config.drift_cooldown_hours * 3.6e9)
         for d in reversed(self._drifts):
@@ -460,8 +541,97 @@ class InstantLearner:
                 "changed_at": _from_us(min(cp_us, t_us)),
                 "events_seen": seen,
                 "shift": shift,
+                "signal": signal,
             }
         )
+
+    def _ad_residuals(
+        self, target: str, ads: np.ndarray, times: np.ndarray, num: np.ndarray, den: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Expected count and its variance per event from its ad's own recent rate; then update.
+
+        The baseline is the ad's exponentially weighted rate (half-life ``baseline_half_life_h``),
+        so a change stays visible for days instead of being absorbed by a fast offset; the
+        variance (expected + expected^2 / baseline successes + 1) counts Poisson noise and the
+        baseline's own uncertainty. Returns (expected, variance, scored): scored marks events with
+        a denominator whose ad had ``surprise_min_base`` successes behind its baseline.
+        """
+        cfg = self.config
+        base = self._baselines.setdefault(target, {})
+        n = len(ads)
+        expected, var, ok = np.zeros(n), np.ones(n), np.zeros(n, dtype=bool)
+        half_us = cfg.baseline_half_life_h * 3.6e9
+        rows = zip(ads.tolist(), times.tolist(), num.tolist(), den.tolist(), strict=True)
+        for i, (ad, t_us, o, d) in enumerate(rows):
+            if d <= 0 or ad is None:
+                continue
+            num0, den0, last = base.get(ad, (0.0, 0.0, t_us))
+            decay = 0.5 ** (max(t_us - last, 0) / half_us)
+            num0, den0 = num0 * decay, den0 * decay
+            if num0 >= cfg.surprise_min_base and den0 > 0:
+                e = d * num0 / den0
+                expected[i], var[i], ok[i] = e, e + e * e / num0 + 1.0, True
+            base[ad] = (num0 + o, den0 + d, max(t_us, last))
+        return expected, var, ok
+
+    def _watch_surprise(self, target: str, frame: pl.DataFrame, seen: np.ndarray) -> None:
+        """Feed each account's surprise ADWINs with squared standardized residuals against the
+        ads' own baselines: ``ad_surprise`` one value per event; ``trait_surprise`` pooled per
+        (account, observation time, trait value) after removing the account-day's common ratio,
+        so a shift shared by the ads of one trait value adds up while a shift of the whole
+        account (or fatigue common to its ads) does not."""
+        cfg = self.config
+        num_col, den_col = _RATIO[target]
+        o = frame[num_col].to_numpy()
+        e, var, ok = self._ad_residuals(
+            target,
+            frame["ad_id"].to_numpy(),
+            frame["occurred_at"].dt.epoch("us").to_numpy(),
+            o,
+            frame[den_col].to_numpy(),
+        )
+        res = frame.select("account_id", "occurred_at", *TRAITS).with_columns(
+            pl.Series("_o", o), pl.Series("_e", e), pl.Series("_v", var), pl.Series("_n", seen)
+        )
+        res = res.filter(pl.Series(ok))
+        if res.height == 0:
+            return
+        streams: list[tuple[str, pl.DataFrame]] = []
+        if "ad" in cfg.surprise_by:
+            streams.append(("ad_surprise", res.sort("occurred_at", "account_id")))
+        if "trait" in cfg.surprise_by:
+            k = (pl.col("_o").sum() + 1.0) / (pl.col("_e").sum() + 1.0)
+            pooled = (
+                res.with_columns(
+                    (pl.col("_e") * k).over("account_id", "occurred_at"),
+                    (pl.col("_v") * k).over("account_id", "occurred_at"),
+                )
+                .unpivot(
+                    index=["account_id", "occurred_at", "_o", "_e", "_v", "_n"],
+                    on=list(TRAITS),
+                    variable_name="_trait",
+                    value_name="_value",
+                )
+                .drop_nulls("_value")
+                .group_by("account_id", "occurred_at", "_trait", "_value")
+                .agg(pl.col("_o", "_e", "_v").sum(), pl.col("_n").max())
+                .sort("occurred_at", "account_id", "_trait", "_value")
+            )
+            streams.append(("trait_surprise", pooled))
+        for signal, rows in streams:
+            o, e = rows["_o"].to_numpy(), rows["_e"].to_numpy()
+            clip = cfg.trait_surprise_clip if signal == "trait_surprise" else cfg.surprise_clip
+            z2 = np.minimum((o - e) ** 2 / rows["_v"].to_numpy(), clip)
+            self._watch(
+                target,
+                signal,
+                rows["account_id"].to_numpy(),
+                rows["occurred_at"].dt.epoch("us").to_numpy(),
+                rows["_n"].to_numpy(),
+                z2,
+                o,
+                e,
+            )
 
     def _boost(self, acc: np.ndarray, times: np.ndarray) -> np.ndarray:
         """Per-event learning-rate multiplier: raised for a while after the account's last drift."""
@@ -497,7 +667,7 @@ def _prepare(events: pl.DataFrame) -> pl.DataFrame:
     cols = events.columns
     has_value = "pipeline_value" in cols
     ev = events.with_columns(
-        [pl.lit(None, dtype=pl.Utf8).alias(c) for c in TRAITS if c not in cols]
+        [pl.lit(None, dtype=pl.Utf8).alias(c) for c in (*TRAITS, "ad_id") if c not in cols]
         + ([] if "impressions" in cols else [pl.lit(0).alias("impressions")])
         + ([] if has_value else [pl.lit(0.0).alias("pipeline_value")])
     )
@@ -507,7 +677,7 @@ def _prepare(events: pl.DataFrame) -> pl.DataFrame:
         )
     dow_src = pl.col("date") if "date" in cols else pl.col("occurred_at")
     return ev.with_columns(
-        [pl.col(c).cast(pl.Utf8) for c in ("account_id", *TRAITS)]
+        [pl.col(c).cast(pl.Utf8) for c in ("account_id", *TRAITS, "ad_id")]
         + [pl.col(c).fill_null(0).cast(pl.Float64) for c in ("impressions", "clicks", "leads")]
         + [
             pl.col("pipeline_value").fill_null(0.0).cast(pl.Float64),
@@ -673,3 +843,62 @@ def decay_counts(
         .drop([f"_pre_{c}" for c in in_daily] + ["changed_at"])
         .rename({"factor": "evidence_factor"})
     )
+
+
+# ---------------------------------------------------------------------- insights -> drifts
+
+
+def events_from_insights(
+    insights: pl.DataFrame, ads: pl.DataFrame | None = None, now: datetime | None = None
+) -> pl.DataFrame:
+    """One learner event per (ad, day) insights row whose day has ended by ``now`` (all if None).
+
+    ``insights`` has ad_id, account_id, ``date`` (or Graph's ``date_start``), impressions,
+    clicks, leads; ``ads`` (ad_id + trait columns) adds the creative traits. The event happens
+    at the end of its day; its key is ``<ad_id>:<date>``.
+    """
+    if insights.is_empty():
+        return pl.DataFrame()
+    if "date" not in insights.columns and "date_start" in insights.columns:
+        insights = insights.rename({"date_start": "date"})
+    end = (pl.col("date").cast(pl.Datetime("us")) + pl.duration(days=1)).dt.replace_time_zone("UTC")
+    events = insights.with_columns(
+        pl.concat_str([pl.col("ad_id"), pl.col("date").cast(pl.Utf8)], separator=":").alias(
+            "event_key"
+        ),
+        end.alias("occurred_at"),
+    )
+    if now is not None:
+        events = events.filter(pl.col("occurred_at") <= now)
+    if ads is not None and ads.width:
+        traits = [c for c in TRAITS if c in ads.columns and c not in events.columns]
+        events = events.join(ads.select("ad_id", *traits), on="ad_id", how="left")
+    return events.select(
+        "event_key", "occurred_at", "date", "account_id", "ad_id",
+        *[c for c in TRAITS if c in events.columns], "impressions", "clicks", "leads",
+    )  # fmt: skip
+
+
+def detect_drifts(
+    insights: pl.DataFrame,
+    ads: pl.DataFrame | None = None,
+    *,
+    learner: InstantLearner | None = None,
+    config: LearnerConfig | None = None,
+) -> pl.DataFrame:
+    """Drifts a learner detects on a stream of daily insights rows, fed one day at a time.
+
+    This is what the ``online_learner`` asset does run after run (each day's rows arrive once the
+    day has ended). Returns :data:`DRIFT_SCHEMA` rows (account_id, target, detected_at,
+    changed_at, events_seen, shift, signal); ``detected_at`` is the end of the day whose rows
+    raised the alarm, so the delay after a change is at least the rest of that day. Pass
+    ``learner`` to continue an existing one (it is updated in place).
+    """
+    model = learner if learner is not None else InstantLearner(config)
+    before = len(model._drifts)
+    events = events_from_insights(insights, ads)
+    if events.is_empty():
+        return model.drifts.slice(before)
+    for day in events.sort("date").partition_by("date", maintain_order=True):
+        model.learn_many(day)
+    return model.drifts.slice(before)
