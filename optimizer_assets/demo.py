@@ -203,4 +203,12 @@ def run_demo(days: int = 30, seed: int = 7, warehouse_path: Path = DEMO_WAREHOUS
         for title, frame in report_sections(world, Warehouse(warehouse_path)):
             print(f"\n{title}:\n")
             print(_table(frame))
+    from optimizer_assets.bench import learning_regret
+
+    print(
+        "\nLearning: regret difference each learner makes (in-process sandbox worlds, "
+        "`python -m optimizer_assets.bench learning_regret --quick`; 2 seeds, a smoke run: "
+        "the README has the 16-seed table):\n"
+    )
+    print(learning_regret.main(quick=True), flush=True)
     print(f"\nwarehouse: {warehouse_path}  ({time.perf_counter() - started:.0f} s)")

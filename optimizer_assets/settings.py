@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pycountry
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent.parent / "data" / "accounts.yaml"
 
@@ -26,6 +26,16 @@ class SettingsError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LearningSettings(_Strict):
+    """Which learners may change this account's budgets (issue 7; measured by
+    ``python -m optimizer_assets.bench learning_regret``). A learner is on by default only when
+    that benchmark showed it lowers regret on the sandbox truth (README: only drift_discount)."""
+
+    cross_account_boost: StrictBool = False  # boost new ads matching cross-account patterns
+    winner_priors: StrictBool = False  # cold-start priors for new ads from similar winners
+    drift_discount: StrictBool = True  # discount evidence from before a detected drift
 
 
 class AccountSettings(_Strict):
@@ -45,6 +55,7 @@ class AccountSettings(_Strict):
     sampler: dict[str, Any] = Field(default_factory=dict)
     guardrails: dict[str, Any] = Field(default_factory=dict)
     winners: dict[str, Any] = Field(default_factory=dict)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @field_validator("currency")
     @classmethod

@@ -4,15 +4,22 @@
 the value corrected for what recent spend has not delivered yet (lag curve estimated from the
 warehouse's deal history, stored as ``value_lag_cdf``). ``ad_scores`` runs the Thompson
 allocator per account (its settings, its total budget, an rng seeded from (account, now));
-every run is also kept in ``ad_score_history``. ``budget_recommendations`` sums the ads'
+every run is also kept in ``ad_score_history``. For the accounts whose ``learning:`` flags are
+on, ``ad_scores`` also reads the learners' tables (``cross_account_patterns``, the newest
+``winner_index`` build, ``detected_drifts``) and hands their boosts, cold-start priors and
+drift-discounted counts to the allocator (``performance.apply_learning``); a table that is not
+there yet changes nothing. ``budget_recommendations`` sums the ads'
 budgets per ad set in minor units: the input of the guarded change plan, which also pauses the
 ads whose ``ad_scores.action`` is ``kill``. A blocking check keeps the plan from running on
 budgets that do not add up.
 """
 
+from datetime import datetime
+
 import dagster as dg
 import polars as pl
 
+from optimizer_assets.defs.learning import DRIFTS_TABLE, latest_index
 from optimizer_assets.defs.resources import MetaResource, OptimizerResource, WarehouseResource
 from optimizer_assets.defs.revenue import md_table, read_tables
 from optimizer_assets.domain import lag as lag_domain
@@ -119,13 +126,105 @@ def ad_performance(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name="allocation", kinds={"duckdb", "polars"}, deps=[ad_performance], pool="duckdb")
-def ad_scores(optimizer: OptimizerResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+LEARNING_FLAGS = ("cross_account_boost", "winner_priors", "drift_discount")
+
+
+def learning_accounts(settings: Settings, account_ids: list[str]) -> dict[str, set[str]]:
+    """Per ``learning:`` flag, the accounts that turned it on."""
+    return {
+        flag: {a for a in account_ids if getattr(settings.for_account(a).learning, flag)}
+        for flag in LEARNING_FLAGS
+    }
+
+
+def daily_evidence(wh: Warehouse) -> pl.DataFrame:
+    """Per (ad, day): impressions, clicks, spend (insights) and attributed value arrived that
+    day, the day split ``decay_counts`` needs to discount only pre-drift evidence."""
+    insights, revenue, credits = read_tables(
+        wh, "meta_ad_insights", "synthetic_revenue", "attributed_revenue"
+    )
+    if insights.is_empty():
+        return pl.DataFrame()
+    ins = insights.select(
+        pl.col("ad_id").cast(pl.Utf8),
+        pl.col("date").cast(pl.Date),
+        pl.col("impressions").cast(pl.Float64),
+        pl.col("clicks").cast(pl.Float64),
+        pl.col("spend").cast(pl.Float64),
+    )
+    events = performance.value_events(revenue, credits)
+    value = events.group_by("ad_id", pl.col("occurred_at").dt.date().alias("date")).agg(
+        pl.col("value").sum().alias("pipeline_value")
+    )
+    return ins.join(value, on=["ad_id", "date"], how="full", coalesce=True).fill_null(0.0)
+
+
+def learning_inputs(
+    wh: Warehouse, settings: Settings, perf: pl.DataFrame, now: datetime, log=None
+) -> tuple[pl.DataFrame, dict]:
+    """``perf`` with the inputs of the learners each account turned on, and metadata.
+
+    Reads only what an enabled flag needs; absent tables (first run) or an unreadable winner
+    index change nothing (the metadata says so).
+    """
+    accounts = perf["account_id"].unique().to_list() if perf.height else []
+    on = learning_accounts(settings, accounts)
+    meta: dict = {f"learning_{flag}_accounts": len(on[flag]) for flag in LEARNING_FLAGS}
+    if not perf.height or not any(on.values()):
+        return perf, meta
+    kwargs: dict = {}
+    if on["cross_account_boost"] or on["winner_priors"]:
+        kwargs["creatives"] = wh.read("meta_ads")
+    if on["cross_account_boost"]:
+        patterns = wh.read("cross_account_patterns")
+        kwargs |= {"boost_accounts": on["cross_account_boost"], "patterns": patterns}
+        meta["boost_patterns_available"] = patterns.height
+    if on["winner_priors"]:
+        try:
+            index = latest_index(wh)
+        except (OSError, ValueError, RuntimeError) as exc:  # files gone or inconsistent
+            index = None
+            if log is not None:
+                log.warning(f"winner index not loaded, no winner priors this run: {exc}")
+        kwargs |= {"prior_accounts": on["winner_priors"], "index": index}
+        meta["winner_index_size"] = index.size if index is not None else 0
+    if on["drift_discount"]:
+        drifts = wh.read(DRIFTS_TABLE)
+        kwargs |= {"decay_accounts": on["drift_discount"], "drifts": drifts}
+        if drifts.height:
+            kwargs["daily"] = daily_evidence(wh)
+        meta["drifts_available"] = drifts.height
+    out = performance.apply_learning(perf, now=now, **kwargs)
+    meta |= {
+        "ads_boosted": int((out["boost"] != 1.0).sum()) if "boost" in out.columns else 0,
+        "ads_with_winner_prior": int(out["prior_alpha"].is_not_null().sum())
+        if "prior_alpha" in out.columns
+        else 0,
+        "ads_with_decayed_evidence": int((out["evidence_factor"] < 1.0).sum())
+        if "evidence_factor" in out.columns
+        else 0,
+    }
+    return out, meta
+
+
+@dg.asset(
+    group_name="allocation",
+    kinds={"duckdb", "polars"},
+    # the learners run first when they are in the same run (their tables are read, if on)
+    deps=[ad_performance, "cross_account_patterns", "winner_index", "online_learner"],
+    pool="duckdb",
+)
+def ad_scores(
+    context: dg.AssetExecutionContext, optimizer: OptimizerResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
     """Per ad: recommended budget, score, P(best), action (scale/hold/reduce/kill), the reason
-    with its numbers, and confidence; Thompson allocation per account, re-runs agree."""
+    with its numbers, and confidence; Thompson allocation per account, re-runs agree. Accounts
+    with ``learning:`` flags on also get cross-account boosts, winner priors for new ads and
+    drift-discounted evidence."""
     wh, settings, now = warehouse.get(), optimizer.settings(), optimizer.now()
     perf = wh.read("ad_performance")
     accounts = perf["account_id"].unique().to_list() if perf.height else []
+    perf, learning_meta = learning_inputs(wh, settings, perf, now, log=context.log)
     scores = performance.allocate_accounts(perf, sampler_configs(settings, accounts), now=now)
     wh.replace("ad_scores", scores)
     wh.replace_where(HISTORY, scores, "scored_at", [now])
@@ -135,6 +234,7 @@ def ad_scores(optimizer: OptimizerResource, warehouse: WarehouseResource) -> dg.
             "row_count": scores.height,
             "accounts": len(accounts),
             **summary,
+            **learning_meta,
             "top_movers": md_table(performance.top_movers(scores), limit=10),
         }
     )

@@ -7,6 +7,8 @@ Pure polars/numpy, no Dagster, no I/O. The pieces, in loop order:
   data: lead-form lead time, else contact creation, else deal creation marks the click day.
 - :func:`performance_frame`: one row per live ad (``sampler.ad_performance`` plus ids, the
   ad set's budget, the account minimum and the per-ad floor that keeps each ad set at it).
+- :func:`apply_learning`: the learners' inputs for the accounts whose ``learning:`` flags are on
+  (cross-account ``boost``, winner priors for new ads, evidence decayed after a drift).
 - :func:`allocate_accounts`: ``sampler.allocate`` per account (its settings, its total budget,
   an rng seeded from (account, now)), then :func:`enforce_adset_floors`.
 - :func:`budget_recommendations`: per ad set, current and recommended budget in minor units.
@@ -27,7 +29,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from optimizer_assets.domain import sampler
+from optimizer_assets.domain import cross_account, instant_learner, sampler
+from optimizer_assets.domain import winner_index as winners_mod
 from optimizer_assets.domain.ads import INSIGHTS_SCHEMA, META_ADS_SCHEMA
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "account_rng",
     "allocate_accounts",
     "allocation_summary",
+    "apply_learning",
     "budget_recommendations",
     "currency_offset",
     "enforce_adset_floors",
@@ -304,6 +308,133 @@ def performance_frame(
 # ------------------------------------------------------------------------------- allocation
 
 
+NEW_AD_HOURS = 168.0  # boosts and winner priors are priors for ads younger than a week
+
+
+def _new_ads(perf: pl.DataFrame, accounts: set[str], now: datetime, hours: float) -> pl.Expr:
+    age_h = (pl.lit(now).cast(_TS) - pl.col("created_at").cast(_TS)).dt.total_seconds(
+        fractional=True
+    ) / 3600.0
+    return pl.col("account_id").is_in(sorted(accounts)) & (age_h < hours)
+
+
+def apply_learning(
+    perf: pl.DataFrame,
+    *,
+    now: datetime,
+    boost_accounts: set[str] | frozenset[str] = frozenset(),
+    prior_accounts: set[str] | frozenset[str] = frozenset(),
+    decay_accounts: set[str] | frozenset[str] = frozenset(),
+    creatives: pl.DataFrame | None = None,
+    patterns: pl.DataFrame | None = None,
+    index: winners_mod.WinnerIndex | None = None,
+    drifts: pl.DataFrame | None = None,
+    daily: pl.DataFrame | None = None,
+    new_ad_hours: float = NEW_AD_HOURS,
+) -> pl.DataFrame:
+    """``perf`` with the learners' allocator inputs for the accounts that turned them on.
+
+    - ``decay_accounts`` (``learning.drift_discount``): evidence from before each account's
+      latest detected drift (``drifts``: ``detected_drifts`` rows) is weighted down by
+      ``instant_learner.evidence_decay`` / ``decay_counts`` (``daily``: ad_id, date and
+      impressions / clicks / spend / pipeline_value per day, so only the pre-change part is
+      scaled). Adds ``evidence_factor`` (1.0 = untouched).
+    - ``boost_accounts`` (``learning.cross_account_boost``): ads younger than ``new_ad_hours``
+      take the strongest matching ``cross_account_patterns`` row: ``boost`` and a
+      ``boost_reason`` naming the pattern (the allocator puts it in the reason text).
+    - ``prior_accounts`` (``learning.winner_priors``): ads younger than ``new_ad_hours`` get
+      ``prior_alpha`` / ``prior_beta`` / ``prior_roas`` from their nearest winners in
+      ``index`` (itself excluded), weak matches shrunk to the account's pooled ROAS, and a
+      ``prior_reason``.
+
+    ``creatives`` (``meta_ads``: ad_id + traits + title/body) supplies traits and copy when
+    ``perf`` lacks them. A missing table (None / empty) changes nothing, and with no account
+    on, ``perf`` comes back unchanged (same columns).
+    """
+    out = perf
+    if perf.is_empty():
+        return out
+    if decay_accounts and drifts is not None and drifts.height and "detected_at" in drifts.columns:
+        mine = drifts.filter(pl.col("account_id").cast(pl.Utf8).is_in(sorted(decay_accounts)))
+        factors = instant_learner.evidence_decay(mine, now)
+        if factors.height:
+            decayed = instant_learner.decay_counts(out, factors, daily=daily)
+            # ads with no evidence before the change keep factor 1 (nothing was discounted)
+            counts = [c for c in ("impressions", "spend") if c in out.columns]
+            less = pl.any_horizontal([decayed[c] < out[c].cast(pl.Float64) - 1e-9 for c in counts])
+            out = decayed.with_columns(pl.when(less).then(pl.col("evidence_factor")).otherwise(1.0))
+    want_boost = bool(boost_accounts) and patterns is not None and patterns.height > 0
+    want_prior = bool(prior_accounts) and index is not None and index.size > 0
+    if not (want_boost or want_prior):
+        return out
+    traits = [*cross_account.TRAITS, "title", "body"]
+    missing = [c for c in traits if c not in out.columns]
+    base = out
+    if missing and creatives is not None and creatives.height:
+        cols = [c for c in missing if c in creatives.columns]
+        base = out.join(
+            creatives.select(pl.col("ad_id").cast(pl.Utf8), *cols).unique("ad_id"),
+            on="ad_id",
+            how="left",
+            maintain_order="left",
+        )
+    if want_boost:
+        boosted = cross_account.boosts_for(base, patterns, now=now, max_age_hours=new_ad_hours)
+        on = _new_ads(boosted, set(boost_accounts), now, new_ad_hours)
+        out = out.with_columns(
+            pl.when(on).then(boosted["boost"]).otherwise(1.0).alias("boost"),
+            pl.when(on).then(boosted["boost_reason"]).alias("boost_reason"),
+        )
+    if want_prior:
+        out = out.with_columns(
+            pl.lit(None, pl.Float64).alias(c) for c in ("prior_alpha", "prior_beta", "prior_roas")
+        ).with_columns(pl.lit(None, pl.Utf8).alias("prior_reason"))
+        new = base.with_row_index("_row").filter(
+            _new_ads(base, set(prior_accounts), now, new_ad_hours)
+        )
+        parts = []
+        for (account_id,), rows in new.group_by("account_id", maintain_order=True):
+            acc = perf.filter(pl.col("account_id") == account_id)
+            spend = float(acc["spend"].sum() or 0.0)
+            value_col = "lag_corrected_value" if "lag_corrected_value" in acc.columns else None
+            value = float(acc[value_col or "pipeline_value"].sum() or 0.0)
+            baseline = value / spend if spend > 0 and value > 0 else 1.0
+            parts.append(
+                winners_mod.priors_from_winners(rows, index, baseline_roas=baseline).select(
+                    "_row", "prior_alpha", "prior_beta", "prior_roas", "prior_reason"
+                )
+            )
+        if parts:
+            got = pl.concat(parts)
+            out = out.with_row_index("_row").update(got, on="_row", how="left").drop("_row")
+    return out
+
+
+def _learning_notes(perf: pl.DataFrame) -> pl.DataFrame:
+    """ad_id + the reason text of winner priors and drift-discounted evidence ("" when none;
+    boosts are named by the allocator itself through ``boost_reason``)."""
+    notes = []
+    if "prior_reason" in perf.columns:
+        notes.append(
+            pl.when(pl.col("prior_reason").is_not_null())
+            .then(pl.format(" Cold-start prior: {}.", pl.col("prior_reason")))
+            .otherwise(pl.lit(""))
+        )
+    if "evidence_factor" in perf.columns:
+        notes.append(
+            pl.when(pl.col("evidence_factor") < 1.0)
+            .then(
+                pl.format(
+                    " Evidence from before the detected drift weighted x{}.",
+                    pl.col("evidence_factor").round(2),
+                )
+            )
+            .otherwise(pl.lit(""))
+        )
+    note = pl.concat_str(notes) if notes else pl.lit("")
+    return perf.select(pl.col("ad_id"), note.alias("_learning_note"))
+
+
 def account_rng(account_id: str, now: datetime) -> np.random.Generator:
     """A generator seeded from (account, now): re-running the same moment gives the same draws."""
     digest = hashlib.sha256(f"{account_id}|{now.isoformat()}".encode()).digest()
@@ -424,7 +555,9 @@ def allocate_accounts(
             .join(out, on="ad_id", how="left")
             .with_columns((pl.col("budget") * offset).round(0).cast(pl.Int64).alias("budget_minor"))
         )  # fmt: skip
-    scores = enforce_adset_floors(pl.concat(parts))
+    scores = enforce_adset_floors(pl.concat(parts)).join(
+        _learning_notes(perf), on="ad_id", how="left"
+    )
     moved = pl.col("floor_adjustment_minor")
     money = _money(moved.abs().cast(pl.Float64) / pl.col("currency_offset"))
     note = (
@@ -436,7 +569,9 @@ def allocate_accounts(
     )
     return scores.with_columns(
         (pl.col("budget_minor").cast(pl.Float64) / pl.col("currency_offset")).alias("budget"),
-        pl.concat_str(pl.col("reason"), note).alias("reason"),
+        pl.concat_str(pl.col("reason"), pl.col("_learning_note").fill_null(""), note).alias(
+            "reason"
+        ),
         pl.lit(now).cast(_TS).alias("scored_at"),
     ).select(SCORE_SCHEMA.keys())
 

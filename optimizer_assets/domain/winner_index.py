@@ -451,7 +451,8 @@ def priors_from_winners(
     )
     out = out.with_columns(
         pl.Series("_n", valid.sum(axis=1), dtype=pl.Int64),
-        pl.Series("_best", np.where(top_ok, win_ad, None), dtype=pl.Utf8),
+        # a list, not an object array: polars 2.1 fails to cast one that starts with None
+        pl.Series("_best", np.where(top_ok, win_ad, None).tolist(), dtype=pl.Utf8),
         pl.Series("_sim", np.round(sims[:, 0].astype(np.float64), 2), dtype=pl.Float64),
     )
     reason = pl.format(
