@@ -31,11 +31,15 @@ class _Strict(BaseModel):
 class LearningSettings(_Strict):
     """Which learners may change this account's budgets (issue 7; measured by
     ``python -m optimizer_assets.bench learning_regret``). A learner is on by default only when
-    that benchmark showed it lowers regret on the sandbox truth (README: only drift_discount)."""
+    that benchmark showed it lowers regret on the sandbox truth (README: drift_discount and
+    forget_changes)."""
 
     cross_account_boost: StrictBool = False  # boost new ads matching cross-account patterns
     winner_priors: StrictBool = False  # cold-start priors for new ads from similar winners
     drift_discount: StrictBool = True  # discount evidence from before a detected drift
+    # forget evidence from before each ad's (or its account's) CTR change day
+    # (sampler.evidence_weights via performance.forget_changes)
+    forget_changes: StrictBool = True
 
 
 class AccountSettings(_Strict):

@@ -12,6 +12,7 @@ import pytest
 
 from optimizer_assets.defs import allocation
 from optimizer_assets.domain import cross_account, performance, sampler
+from optimizer_assets.domain import lag as lag_mod
 from optimizer_assets.domain import winner_index as winners_mod
 from optimizer_assets.settings import SettingsError, load_settings
 from optimizer_assets.warehouse import Warehouse
@@ -46,6 +47,7 @@ def test_learning_flags_parse_with_defaults_and_overrides(tmp_path):
         "cross_account_boost": {A},
         "winner_priors": {"999"},
         "drift_discount": {A, "999"},
+        "forget_changes": {A, "999"},
     }
     off = load_settings(write(tmp_path, "defaults:\n  learning:\n    drift_discount: false\n"))
     assert allocation.learning_accounts(off, [A])["drift_discount"] == set()
@@ -57,6 +59,8 @@ def test_learning_flags_parse_with_defaults_and_overrides(tmp_path):
         ("defaults:\n  learning:\n    drift_discount: 'sometimes'\n", 3, "boolean"),
         ("defaults:\n  learning:\n    drift_discount: 1\n", 3, "boolean"),
         (f"accounts:\n  - account_id: '{A}'\n    learning:\n      boosts: true\n", 4, "boosts"),
+        ("defaults:\n  learning:\n    forget_changes: 'yes'\n", 3, "boolean"),
+        ("defaults:\n  learning:\n    forget_changes: 0\n", 3, "boolean"),
     ],
 )
 def test_bad_learning_flags_name_line_and_reason(tmp_path, text, line, reason):
@@ -75,7 +79,22 @@ def test_checked_in_file_documents_every_flag():
         "cross_account_boost": False,
         "winner_priors": False,
         "drift_discount": True,
+        "forget_changes": True,
     }
+
+
+def test_forget_changes_flag_parses_per_account(tmp_path):
+    path = write(
+        tmp_path,
+        f"defaults:\n  learning:\n    forget_changes: true\naccounts:\n  - account_id: '{A}'\n"
+        "    learning:\n      forget_changes: false\n",
+    )
+    settings = load_settings(path)
+    assert settings.for_account(A).learning.forget_changes is False
+    assert settings.for_account("999").learning.forget_changes is True
+    assert allocation.learning_accounts(settings, [A, "999"])["forget_changes"] == {"999"}
+    # not in the file: the built-in default (on)
+    assert load_settings(write(tmp_path, "defaults: {}\n")).for_account(A).learning.forget_changes
 
 
 # ---------------------------------------------------------------------------- frames
@@ -342,3 +361,162 @@ def test_learning_inputs_decay_from_stored_drifts_and_insights(tmp_path):
     row = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
     assert row["spend"] < 600.0 and row["evidence_factor"] < 1.0
     assert out.filter(pl.col("account_id") == B)["spend"].to_list() == [600.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------- forget_changes
+
+
+def ctr_change_daily(ad_id: str = f"{A}-0", drop_day: int = 20) -> pl.DataFrame:
+    """30 days of 1,000 impressions and $20 a day: CTR 3% until ``drop_day``, then 1%; the
+    value by click day follows the clicks ($100 per click)."""
+    days = [date(2026, 10, 21) + timedelta(days=d) for d in range(30)]
+    clicks = [30.0 if d < drop_day else 10.0 for d in range(30)]
+    return pl.DataFrame(
+        {
+            "ad_id": [ad_id] * 30,
+            "date": days,
+            "impressions": [1000.0] * 30,
+            "clicks": clicks,
+            "spend": [20.0] * 30,
+            "pipeline_value": [0.0] * 30,
+            "click_value": [100.0 * c for c in clicks],
+        }
+    )
+
+
+def forget_perf() -> pl.DataFrame:
+    """perf_frame with A-0's totals matching ``ctr_change_daily`` (700 clicks, $600)."""
+    daily = ctr_change_daily()
+    return perf_frame().with_columns(
+        pl.when(pl.col("ad_id") == f"{A}-0")
+        .then(pl.lit(float(daily["clicks"].sum())))
+        .otherwise(pl.col("clicks").cast(pl.Float64))
+        .alias("clicks"),
+        pl.when(pl.col("ad_id") == f"{A}-0")
+        .then(pl.lit(30_000.0))
+        .otherwise(pl.col("impressions").cast(pl.Float64))
+        .alias("impressions"),
+        pl.when(pl.col("ad_id") == f"{A}-0")
+        .then(pl.lit(float(daily["click_value"].sum())))
+        .otherwise(pl.col("pipeline_value"))
+        .alias("pipeline_value"),
+    )
+
+
+def test_forget_changes_down_weights_evidence_before_a_ctr_change():
+    perf, daily = forget_perf(), ctr_change_daily()
+    out = performance.apply_learning(perf, now=NOW, forget_accounts={A}, daily=daily)
+    row = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    assert row["forget_cut"] == date(2026, 10, 21) + timedelta(days=20)
+    w = row["forget_weight"]
+    assert 0.0 < w < 1.0
+    # each pre-change day counts w, the 10 days after it count fully
+    assert row["impressions"] == pytest.approx(1000.0 * (20 * w + 10))
+    assert row["clicks"] == pytest.approx(30.0 * 20 * w + 10.0 * 10)
+    assert row["spend"] == pytest.approx(20.0 * (20 * w + 10))
+    assert row["matured_spend"] == pytest.approx(600.0 - (1 - w) * 20.0 * 20)
+    value_ratio = (3000.0 * 20 * w + 1000.0 * 10) / 70_000.0
+    assert row["pipeline_value"] == pytest.approx(70_000.0 * value_ratio)
+    assert row["lag_corrected_value"] == pytest.approx(60_000.0 * value_ratio)
+    assert row["conversions"] == pytest.approx(20.0 * value_ratio)
+    # the allocator now sees a CTR near the new 1%, not the lifetime 2.3%
+    assert row["clicks"] / row["impressions"] < 0.014 < 700 / 30_000
+    # other ads and the account with the flag off are untouched
+    for ad in (f"{A}-1", f"{B}-0"):
+        got, was = out.filter(pl.col("ad_id") == ad), perf.filter(pl.col("ad_id") == ad)
+        assert got["clicks"].to_list() == was["clicks"].to_list()
+        assert got["forget_cut"].to_list() == [None]
+    scores = allocate(out).join(allocate(perf).select("ad_id", "score"), on="ad_id", suffix="_0")
+    hit = scores.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    assert "CTR changed on 2026-11-10: evidence before it weighted x0.1" in hit["reason"]
+    assert hit["score"] != pytest.approx(hit["score_0"])
+    assert "CTR changed" not in scores.filter(pl.col("ad_id") == f"{B}-0")["reason"][0]
+
+
+def test_forget_changes_without_click_days_scales_value_by_matured_spend():
+    perf, daily = forget_perf(), ctr_change_daily().drop("click_value")
+    out = performance.apply_learning(perf, now=NOW, forget_accounts={A}, daily=daily)
+    row = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    w = row["forget_weight"]
+    assert row["pipeline_value"] == pytest.approx(70_000.0 * row["matured_spend"] / 600.0)
+    assert row["matured_spend"] == pytest.approx(600.0 - (1 - w) * 20.0 * 20)
+
+
+def test_forget_changes_matured_spend_follows_the_lag_curve():
+    perf, daily = forget_perf(), ctr_change_daily()
+    # half the value arrives on the click day, all of it 2 days later
+    cdf = pl.DataFrame(
+        {"lag_days": [0, 1, 2, 3], "cdf": [0.5, 0.75, 1.0, 1.0]},
+        schema={"lag_days": pl.Int32, "cdf": pl.Float64},
+    )
+    out = performance.apply_learning(perf, now=NOW, forget_accounts={A}, daily=daily, lag_cdf=cdf)
+    row = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    w = row["forget_weight"]
+    # matured spend of the post-change days shrinks with the curve, pre-change ones are old
+    matured = lag_mod.matured_spend(daily.select("ad_id", "date", "spend"), cdf, NOW)
+    full = float(matured["matured_spend"][0])
+    assert full < 600.0
+    young = full - 20.0 * 20  # the 10 post-change days' matured spend
+    assert row["matured_spend"] == pytest.approx(600.0 * (20.0 * 20 * w + young) / full)
+
+
+def test_forget_changes_off_or_without_history_changes_nothing():
+    perf, daily = forget_perf(), ctr_change_daily()
+    # flag off: the history is there but nobody asked
+    assert performance.apply_learning(perf, now=NOW, daily=daily).equals(perf)
+    assert performance.apply_learning(perf, now=NOW, forget_accounts={B}, daily=daily).equals(perf)
+    # flag on, no history (first run) / empty / no change in it
+    for hist in (None, pl.DataFrame(), ctr_change_daily(drop_day=40)):
+        out = performance.apply_learning(perf, now=NOW, forget_accounts={A, B}, daily=hist)
+        assert out.equals(perf)
+    assert allocate(performance.apply_learning(perf, now=NOW, forget_accounts={A})).equals(
+        allocate(perf)
+    )
+
+
+def test_forget_changes_and_drift_discount_do_not_discount_twice():
+    perf, daily = forget_perf(), ctr_change_daily()
+    steady = ctr_change_daily(f"{B}-0", drop_day=40)  # no change of its own
+    both_daily = pl.concat([daily, steady])
+    drifts = pl.DataFrame(
+        {
+            "account_id": [A, B],
+            "target": ["ctr", "ctr"],
+            "detected_at": [NOW - timedelta(days=3)] * 2,
+            "changed_at": [NOW - timedelta(days=5)] * 2,
+        }
+    ).with_columns(pl.col("detected_at", "changed_at").cast(pl.Datetime("us", "UTC")))
+    forgot = performance.apply_learning(perf, now=NOW, forget_accounts={A}, daily=both_daily)
+    out = performance.apply_learning(
+        perf,
+        now=NOW,
+        forget_accounts={A},
+        decay_accounts={A, B},
+        drifts=drifts,
+        daily=both_daily,
+    )
+    assert out["ad_id"].to_list() == perf["ad_id"].to_list()
+    a0 = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    assert a0["evidence_factor"] == 1.0  # cut by its own change: no drift discount on top
+    assert a0["clicks"] == pytest.approx(forgot.filter(pl.col("ad_id") == f"{A}-0")["clicks"][0])
+    b0 = out.filter(pl.col("ad_id") == f"{B}-0").row(0, named=True)
+    assert b0["forget_cut"] is None and b0["evidence_factor"] < 1.0
+    assert b0["clicks"] < 600.0
+
+
+def test_learning_inputs_forget_from_stored_insights(tmp_path):
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    perf = forget_perf()
+    path = write(tmp_path, "defaults:\n  learning:\n    drift_discount: false\n"
+                 "    forget_changes: true\n")  # fmt: skip
+    settings = load_settings(path)
+    out, meta = allocation.learning_inputs(wh, settings, perf, NOW)  # no insights yet
+    assert out.equals(perf) and meta["ads_with_forgotten_evidence"] == 0
+    daily = ctr_change_daily()
+    wh.replace("meta_ad_insights", daily.select("date", "ad_id", "impressions", "clicks", "spend"))
+    out, meta = allocation.learning_inputs(wh, settings, perf, NOW)
+    assert meta["learning_forget_changes_accounts"] == 2
+    assert meta["ads_with_forgotten_evidence"] == 1
+    row = out.filter(pl.col("ad_id") == f"{A}-0").row(0, named=True)
+    assert row["forget_cut"] == date(2026, 11, 10)
+    assert row["clicks"] < 700.0 and row["spend"] < 600.0

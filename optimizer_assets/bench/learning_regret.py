@@ -22,7 +22,11 @@ data seen so far with ``cross_account.patterns``, passed as ``boost``/``boost_re
 younger than 7 days), ``priors`` (winners selected each morning with ``select_winners``,
 indexed with FAISS, ``priors_from_winners`` for ads younger than 7 days), ``drift`` (an
 ``InstantLearner`` fed each closed day's insights rows; its ADWIN drift records discount the
-pre-drift evidence with ``evidence_decay``/``decay_counts``) and ``all`` (the three together).
+pre-drift evidence with ``evidence_decay``/``decay_counts``), ``all`` (the three together),
+``forget`` (``performance.forget_changes``: ``sampler.evidence_weights`` on each ad's daily
+impressions / clicks, value weighted by its click day = deal creation) and ``forget_drift``
+(forgetting first, then the drift discount for the ads it did not cut); ``forget_ad_only``
+(not a setting: the same without the account-wide change test, ``account_z=None``).
 
 New ads: the world cannot create ads, so the harness holds back one ad per ad set (the last
 one, 25% of the ads) paused from the start and launches them (``update_ad`` ACTIVE) on
@@ -83,6 +87,11 @@ ARMS: dict[str, frozenset[str]] = {
     # separate what discounting is worth from how well the instant learner detects the drift
     "drift_true_time": frozenset({"drift_discount", "true_drift_time"}),
     "all": frozenset({"cross_account_boost", "winner_priors", "drift_discount"}),
+    # sampler.evidence_weights on each ad's daily CTR (performance.forget_changes)
+    "forget": frozenset({"forget_changes"}),
+    "forget_drift": frozenset({"forget_changes", "drift_discount"}),
+    # not a setting: forgetting on each ad's own change only (evidence_weights account_z=None)
+    "forget_ad_only": frozenset({"forget_changes", "ad_only"}),
 }
 _UTC = pl.Datetime("us", "UTC")
 _SERVICE = PRESETS["service_business"]
@@ -179,14 +188,22 @@ def value_history(world: World) -> pl.DataFrame:
 
 
 def daily_counts(insights: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
-    """Per (ad, day): impressions, clicks, spend and the value that arrived that day."""
+    """Per (ad, day): impressions, clicks, spend, the value that arrived that day and the value
+    whose click day (deal creation) it was (``click_value``)."""
     ins = insights.select(
         "ad_id", "date", "impressions", "clicks", pl.col("spend").cast(pl.Float64)
     )
     val = history.group_by("ad_id", pl.col("occurred_at").dt.date().alias("date")).agg(
         pl.col("value").sum().alias("pipeline_value")
     )
-    return ins.join(val, on=["ad_id", "date"], how="full", coalesce=True).fill_null(0)
+    by_click = history.group_by("ad_id", pl.col("cohort_at").dt.date().alias("date")).agg(
+        pl.col("value").sum().alias("click_value")
+    )
+    return (
+        ins.join(val, on=["ad_id", "date"], how="full", coalesce=True)
+        .join(by_click, on=["ad_id", "date"], how="full", coalesce=True)
+        .fill_null(0)
+    )
 
 
 def learner_events(insights: pl.DataFrame, ads: pl.DataFrame, day: datetime) -> pl.DataFrame:
@@ -301,6 +318,12 @@ def run_arm(seed: int, arm: str, spec: Spec) -> ArmRun:
                     else learner.drifts
                 )
                 kwargs["daily"] = daily_counts(insights, hist)
+            if "forget_changes" in flags:
+                kwargs["forget_accounts"] = on
+                kwargs["daily"] = daily_counts(insights, hist)
+                kwargs["lag_cdf"] = lag_cdf
+                if "ad_only" in flags:
+                    kwargs["forget_options"] = {"account_z": None}
             perf = performance.apply_learning(perf, now=now, creatives=ads, **kwargs)
             if "boost" in perf.columns:
                 run.boosts += int((perf["boost"] != 1.0).sum())
@@ -308,6 +331,8 @@ def run_arm(seed: int, arm: str, spec: Spec) -> ArmRun:
                 run.priors += int(perf["prior_alpha"].is_not_null().sum())
             if "evidence_factor" in perf.columns:
                 run.decayed += int((perf["evidence_factor"] < 1.0).sum())
+            if "forget_cut" in perf.columns:
+                run.decayed += int(perf["forget_cut"].is_not_null().sum())
             scores = performance.allocate_accounts(perf, configs, now=now)
             recs = performance.budget_recommendations(scores, perf, change_band=0.1, now=now)
             apply(world, scores, recs)
@@ -503,6 +528,9 @@ def report(seeds: list[int], spec: Spec, arms: tuple[str, ...], wall: float, dat
         "drift": "drift",
         "drift_true_time": "drift",
         "all": "all",
+        "forget": "drift",
+        "forget_drift": "drift",
+        "forget_ad_only": "drift",
     }
     for arm in arms:
         if arm == "base":

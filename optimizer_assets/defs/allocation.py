@@ -7,8 +7,10 @@ allocator per account (its settings, its total budget, an rng seeded from (accou
 every run is also kept in ``ad_score_history``. For the accounts whose ``learning:`` flags are
 on, ``ad_scores`` also reads the learners' tables (``cross_account_patterns``, the newest
 ``winner_index`` build, ``detected_drifts``) and hands their boosts, cold-start priors and
-drift-discounted counts to the allocator (``performance.apply_learning``); a table that is not
-there yet changes nothing. ``budget_recommendations`` sums the ads'
+drift-discounted counts to the allocator (``performance.apply_learning``), and with
+``learning.forget_changes`` the evidence from before each ad's CTR change day forgotten
+(``performance.forget_changes``, ``sampler.evidence_weights`` on ``daily_evidence``); a table
+that is not there yet changes nothing. ``budget_recommendations`` sums the ads'
 budgets per ad set in minor units: the input of the guarded change plan, which also pauses the
 ads whose ``ad_scores.action`` is ``kill``. A blocking check keeps the plan from running on
 budgets that do not add up.
@@ -126,7 +128,7 @@ def ad_performance(
     return dg.MaterializeResult(metadata=metadata)
 
 
-LEARNING_FLAGS = ("cross_account_boost", "winner_priors", "drift_discount")
+LEARNING_FLAGS = ("cross_account_boost", "winner_priors", "drift_discount", "forget_changes")
 
 
 def learning_accounts(settings: Settings, account_ids: list[str]) -> dict[str, set[str]]:
@@ -138,10 +140,18 @@ def learning_accounts(settings: Settings, account_ids: list[str]) -> dict[str, s
 
 
 def daily_evidence(wh: Warehouse) -> pl.DataFrame:
-    """Per (ad, day): impressions, clicks, spend (insights) and attributed value arrived that
-    day, the day split ``decay_counts`` needs to discount only pre-drift evidence."""
-    insights, revenue, credits = read_tables(
-        wh, "meta_ad_insights", "synthetic_revenue", "attributed_revenue"
+    """Per (ad, day): impressions, clicks, spend (insights), attributed value arrived that day
+    (``pipeline_value``: the day split ``decay_counts`` needs to discount only pre-drift
+    evidence) and attributed value by its click day (``click_value``, dated like the lag
+    curve's cohorts: lead, else contact, else deal creation; for ``forget_changes``)."""
+    insights, revenue, credits, leads, contacts, deals = read_tables(
+        wh,
+        "meta_ad_insights",
+        "synthetic_revenue",
+        "attributed_revenue",
+        "meta_leads",
+        "hubspot_contacts",
+        "hubspot_deals",
     )
     if insights.is_empty():
         return pl.DataFrame()
@@ -156,7 +166,17 @@ def daily_evidence(wh: Warehouse) -> pl.DataFrame:
     value = events.group_by("ad_id", pl.col("occurred_at").dt.date().alias("date")).agg(
         pl.col("value").sum().alias("pipeline_value")
     )
-    return ins.join(value, on=["ad_id", "date"], how="full", coalesce=True).fill_null(0.0)
+    clicked = performance.lag_events(
+        revenue, credits, leads=leads, contacts=contacts, deals=deals, by_ad=True
+    )
+    by_click = clicked.group_by("ad_id", pl.col("cohort_at").dt.date().alias("date")).agg(
+        pl.col("value").sum().alias("click_value")
+    )
+    return (
+        ins.join(value, on=["ad_id", "date"], how="full", coalesce=True)
+        .join(by_click, on=["ad_id", "date"], how="full", coalesce=True)
+        .fill_null(0.0)
+    )
 
 
 def learning_inputs(
@@ -194,6 +214,10 @@ def learning_inputs(
         if drifts.height:
             kwargs["daily"] = daily_evidence(wh)
         meta["drifts_available"] = drifts.height
+    if on["forget_changes"]:
+        if "daily" not in kwargs:
+            kwargs["daily"] = daily_evidence(wh)
+        kwargs |= {"forget_accounts": on["forget_changes"], "lag_cdf": wh.read("value_lag_cdf")}
     out = performance.apply_learning(perf, now=now, **kwargs)
     meta |= {
         "ads_boosted": int((out["boost"] != 1.0).sum()) if "boost" in out.columns else 0,
@@ -202,6 +226,9 @@ def learning_inputs(
         else 0,
         "ads_with_decayed_evidence": int((out["evidence_factor"] < 1.0).sum())
         if "evidence_factor" in out.columns
+        else 0,
+        "ads_with_forgotten_evidence": int(out["forget_cut"].is_not_null().sum())
+        if "forget_cut" in out.columns
         else 0,
     }
     return out, meta
@@ -219,8 +246,8 @@ def ad_scores(
 ) -> dg.MaterializeResult:
     """Per ad: recommended budget, score, P(best), action (scale/hold/reduce/kill), the reason
     with its numbers, and confidence; Thompson allocation per account, re-runs agree. Accounts
-    with ``learning:`` flags on also get cross-account boosts, winner priors for new ads and
-    drift-discounted evidence."""
+    with ``learning:`` flags on also get cross-account boosts, winner priors for new ads,
+    evidence forgotten before each ad's CTR change day and drift-discounted evidence."""
     wh, settings, now = warehouse.get(), optimizer.settings(), optimizer.now()
     perf = wh.read("ad_performance")
     accounts = perf["account_id"].unique().to_list() if perf.height else []

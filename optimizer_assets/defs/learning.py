@@ -6,10 +6,13 @@ and saves a FAISS index next to the warehouse under ``winner_index/<version>/``
 (``domain.winner_index``); the builds are listed in the ``winner_index_builds`` table.
 ``online_learner`` feeds every insights row not learned before to the river instant learner
 (``domain.instant_learner``); its state lives in the warehouse (``online_learner_state``, one
-bytes blob with its cursor) and its drift records in ``detected_drifts``.
+bytes blob with its cursor) and its drift records in ``detected_drifts``. Drift is watched with
+river's ADWIN on how surprising each ad-day's clicks are against the ad's own recent CTR (per ad
+and pooled per creative trait value), so a CTR shift of some traits only is seen.
 
-None of this changes budgets yet: the allocator does not read these tables (the issue keeps each
-learner off until it shows lower regret on the sandbox truth, which is not measured yet).
+The allocator (``ad_scores``) reads these tables for the accounts whose ``learning:`` flags are
+on (by default only drift discounting: the one that lowered regret in
+``python -m optimizer_assets.bench learning_regret``; see README).
 """
 
 from datetime import datetime, timedelta
@@ -23,7 +26,12 @@ from optimizer_assets.defs.resources import OptimizerResource, WarehouseResource
 from optimizer_assets.defs.revenue import md_table, read_tables
 from optimizer_assets.domain import cross_account
 from optimizer_assets.domain import winner_index as winner_domain
-from optimizer_assets.domain.instant_learner import DRIFT_SCHEMA, TRAITS, InstantLearner
+from optimizer_assets.domain.instant_learner import (
+    DRIFT_SCHEMA,
+    TRAITS,
+    InstantLearner,
+    events_from_insights,
+)
 from optimizer_assets.settings import Settings
 from optimizer_assets.warehouse import Warehouse
 
@@ -58,24 +66,10 @@ def winner_limits(settings: Settings, account_ids: list[str]) -> pl.DataFrame:
 def learner_events(insights: pl.DataFrame, ads: pl.DataFrame, now: datetime) -> pl.DataFrame:
     """One learner event per (ad, day) insights row whose day has ended by ``now``.
 
-    The event happens at the end of its day; its key is ``<ad_id>:<date>``.
+    The event happens at the end of its day; its key is ``<ad_id>:<date>``
+    (``domain.instant_learner.events_from_insights``).
     """
-    if insights.is_empty():
-        return pl.DataFrame()
-    end = (pl.col("date").cast(pl.Datetime("us")) + pl.duration(days=1)).dt.replace_time_zone("UTC")
-    traits = ads.select("ad_id", *TRAITS) if ads.width else None
-    events = insights.with_columns(
-        pl.concat_str([pl.col("ad_id"), pl.col("date").cast(pl.Utf8)], separator=":").alias(
-            "event_key"
-        ),
-        end.alias("occurred_at"),
-    ).filter(pl.col("occurred_at") <= now)
-    if traits is not None:
-        events = events.join(traits, on="ad_id", how="left")
-    return events.select(
-        "event_key", "occurred_at", "date", "account_id", "ad_id",
-        *[c for c in TRAITS if c in events.columns], "impressions", "clicks", "leads",
-    )  # fmt: skip
+    return events_from_insights(insights, ads, now)
 
 
 def load_learner(wh: Warehouse) -> InstantLearner:
@@ -83,7 +77,10 @@ def load_learner(wh: Warehouse) -> InstantLearner:
     state = wh.read(STATE_TABLE)
     if state.is_empty():
         return InstantLearner()
-    return InstantLearner.from_bytes(state.sort("saved_at")["state"][-1])
+    try:
+        return InstantLearner.from_bytes(state.sort("saved_at")["state"][-1])
+    except ValueError:  # state of an older learner version: relearn every row from scratch
+        return InstantLearner()
 
 
 def save_learner(wh: Warehouse, learner: InstantLearner, now: datetime) -> None:
@@ -258,7 +255,7 @@ def online_learner(
             "drifts_detected": learner.drifts.height,
             "new_drifts": new_drifts.height,
             "watermark": str(learner.watermark),
-            "drifts": md_table(learner.drifts),
+            "drifts": md_table(learner.drift_details),
         }
     )
 
@@ -313,14 +310,14 @@ def demo_report(world, warehouse: Warehouse) -> list[tuple[str, pl.DataFrame]]:
             "boost_patterns_available": [patterns.height],
             "max_boost": [float(patterns["boost"].max()) if patterns.height else None],
             "winner_index_size": [latest_size],
-            "regret_difference": ["not measured"],
+            "regret_difference": ["see the learning_regret lines at the end"],
         }
     )
     return [
         ("Learning: drifts detected vs the sandbox's true drift times", drifts),
         (
-            "Learning: what is available to the allocator (all OFF by default; regret difference "
-            "of drift discounting, boosts and winner priors not measured)",
+            "Learning: what is available to the allocator (`learning:` flags; by default only "
+            "drift discounting is on)",
             summary,
         ),
     ]

@@ -8,7 +8,8 @@ Pure polars/numpy, no Dagster, no I/O. The pieces, in loop order:
 - :func:`performance_frame`: one row per live ad (``sampler.ad_performance`` plus ids, the
   ad set's budget, the account minimum and the per-ad floor that keeps each ad set at it).
 - :func:`apply_learning`: the learners' inputs for the accounts whose ``learning:`` flags are on
-  (cross-account ``boost``, winner priors for new ads, evidence decayed after a drift).
+  (cross-account ``boost``, winner priors for new ads, evidence decayed after a drift, and
+  :func:`forget_changes`: evidence from before an ad's own CTR change forgotten).
 - :func:`allocate_accounts`: ``sampler.allocate`` per account (its settings, its total budget,
   an rng seeded from (account, now)), then :func:`enforce_adset_floors`.
 - :func:`budget_recommendations`: per ad set, current and recommended budget in minor units.
@@ -30,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from optimizer_assets.domain import cross_account, instant_learner, sampler
+from optimizer_assets.domain import lag as lag_mod
 from optimizer_assets.domain import winner_index as winners_mod
 from optimizer_assets.domain.ads import INSIGHTS_SCHEMA, META_ADS_SCHEMA
 
@@ -45,6 +47,7 @@ __all__ = [
     "budget_recommendations",
     "currency_offset",
     "enforce_adset_floors",
+    "forget_changes",
     "lag_events",
     "performance_frame",
     "recommendation_summary",
@@ -186,13 +189,15 @@ def lag_events(
     leads: pl.DataFrame | None = None,
     contacts: pl.DataFrame | None = None,
     deals: pl.DataFrame | None = None,
+    by_ad: bool = False,
 ) -> pl.DataFrame:
     """Attributed value events with their click day, for ``lag.estimate_lag_cdf``.
 
     The cohort (click day) of a credit row is its lead-form lead's ``created_at`` when it has a
     ``lead_id`` in ``meta_leads``, else its contact's ``created_at`` (``hubspot_contacts``),
     else the deal's ``created_at`` (``hubspot_deals``). Warehouse data only, never truth.
-    Returns ``cohort_at``, ``occurred_at``, ``value`` (credit-weighted value_delta).
+    Returns ``cohort_at``, ``occurred_at``, ``value`` (credit-weighted value_delta), and with
+    ``by_ad`` first the credited ``ad_id`` (for :func:`forget_changes`' value by click day).
     """
     c = _credits(credits)
     if "lead_id" not in c.columns:
@@ -215,8 +220,9 @@ def lag_events(
     )
     return (
         _revenue(revenue)
-        .join(c.select("deal_id", "credit", "cohort_at"), on="deal_id", how="inner")
+        .join(c.select("deal_id", "ad_id", "credit", "cohort_at"), on="deal_id", how="inner")
         .select(
+            *(["ad_id"] if by_ad else []),
             "cohort_at",
             "occurred_at",
             (pl.col("value_delta") * pl.col("credit")).alias("value"),
@@ -318,6 +324,216 @@ def _new_ads(perf: pl.DataFrame, accounts: set[str], now: datetime, hours: float
     return pl.col("account_id").is_in(sorted(accounts)) & (age_h < hours)
 
 
+FORGET_COLUMNS = (
+    "impressions",
+    "clicks",
+    "spend",
+    "matured_spend",
+    "pipeline_value",
+    "lag_corrected_value",
+    "conversions",
+)
+
+
+def forget_changes(
+    perf: pl.DataFrame,
+    daily: pl.DataFrame | None,
+    *,
+    accounts: set[str] | frozenset[str],
+    now: datetime,
+    lag_cdf: pl.DataFrame | None = None,
+    options: Mapping[str, float | None] | None = None,
+) -> pl.DataFrame:
+    """``perf`` with the evidence from before each ad's CTR change forgotten (``learning.
+    forget_changes``): ``sampler.evidence_weights`` on the ads' daily impressions / clicks.
+
+    ``daily``: per (ad, day) ``ad_id``, ``date``, ``impressions``, ``clicks``, ``spend`` (the
+    insights days up to ``now``), optionally ``click_value`` (attributed value by its click
+    day, as :func:`lag_events` with ``by_ad`` dates it). For the live ads of ``accounts``, the
+    (days x ads) matrices go to ``evidence_weights`` with the account as ``groups`` (so a
+    change shared by the account also reaches ads too starved to show it), and each column
+    of ``FORGET_COLUMNS`` is replaced by its weighted sum, computed as the column times the
+    ad's weighted / total ratio (the same thing when the daily rows add up to ``perf``'s totals,
+    and robust when they do not):
+
+    - impressions, clicks, spend: each day's count times that day's weight.
+    - matured_spend: each day's spend x weight x the lag CDF at that day's age
+      (``lag.matured_spend`` on the weighted spend, when ``lag_cdf`` is given); without a
+      curve, the days before the cut count as fully matured (they are the older ones):
+      matured - (1 - w) x their spend.
+    - pipeline_value, lag_corrected_value, conversions: by click day when ``click_value`` is
+      there (each value event weighted by its click day's weight; click days before the first
+      insights day take that day's weight). Without it (or with no positive value by click
+      day) there is no click-day split, and the most faithful stand-in is the ad's weighted /
+      total matured spend: the value that has arrived from a day's spend is expected to be
+      proportional to spend x CDF(age). That keeps the ad's ROAS estimate and only widens its
+      posterior. lag_corrected_value and conversions follow pipeline_value's ratio.
+
+    ``options``: keyword arguments for ``evidence_weights`` (its defaults when None).
+    Adds ``forget_cut`` (Date of the change: days before it were weighted down; null when
+    none) and ``forget_weight`` (the weight of those days; 1.0 when none) for the reason text.
+    Ads without daily rows, accounts not in ``accounts``, and an absent ``daily`` change
+    nothing but those two columns.
+    """
+    out = perf.with_columns(
+        pl.lit(None, pl.Date).alias("forget_cut"), pl.lit(1.0).alias("forget_weight")
+    )
+    if perf.is_empty() or not accounts or daily is None or daily.is_empty():
+        return out
+    need = {"ad_id", "date", "impressions", "clicks", "spend"}
+    if not need <= set(daily.columns):
+        return out
+    ads = perf.filter(pl.col("account_id").cast(pl.Utf8).is_in(sorted(accounts))).select(
+        pl.col("ad_id").cast(pl.Utf8), pl.col("account_id").cast(pl.Utf8)
+    )
+    today = now.date()
+    d = (
+        daily.select(
+            pl.col("ad_id").cast(pl.Utf8),
+            pl.col("date").cast(pl.Date),
+            *[
+                pl.col(c).cast(pl.Float64).fill_null(0.0)
+                for c in ("impressions", "clicks", "spend")
+            ],
+        )
+        .filter(pl.col("date") <= today)
+        .join(ads, on="ad_id", how="inner")
+    )
+    if d.is_empty():
+        return out
+    ads = ads.filter(pl.col("ad_id").is_in(d["ad_id"].unique().implode())).with_row_index("_a")
+    day0 = d["date"].min()
+    n_days = int((d["date"].max() - day0).days) + 1
+    d = d.join(ads.select("ad_id", "_a"), on="ad_id").with_columns(
+        (pl.col("date") - pl.lit(day0)).dt.total_days().cast(pl.Int64).alias("_d")
+    )
+    k = ads.height
+    di, ai = d["_d"].to_numpy(), d["_a"].to_numpy().astype(np.int64)
+
+    def matrix(col: str) -> np.ndarray:
+        m = np.zeros((n_days, k))
+        np.add.at(m, (di, ai), d[col].to_numpy())
+        return m
+
+    imps, clicks, spend = matrix("impressions"), matrix("clicks"), matrix("spend")
+    codes = ads["account_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    codes = np.unique(codes, return_inverse=True)[1]
+    w = sampler.evidence_weights(imps, clicks, groups=codes, **dict(options or {}))
+    low = w < 1.0
+    cut = low.sum(axis=0)  # days before the cut carry weight < 1, the rest 1
+    keep = np.where(cut > 0, w[0], 1.0)
+
+    def ratio(m: np.ndarray) -> np.ndarray:
+        tot = m.sum(axis=0)
+        return np.where(tot > 0, (w * m).sum(axis=0) / np.where(tot > 0, tot, 1.0), 1.0)
+
+    r_spend = ratio(spend)
+    if lag_cdf is not None and lag_cdf.height:
+        keys = lag_mod._key_columns(lag_cdf)
+        sbd = d.with_columns((pl.col("spend") * pl.Series(w[di, ai])).alias("spend"))
+        mat_w = lag_mod.matured_spend(sbd.select("ad_id", *keys, "date", "spend"), lag_cdf, now)
+        mat_1 = lag_mod.matured_spend(
+            d.select("ad_id", *keys, "date", "spend"), lag_cdf, now
+        ).rename({"matured_spend": "_m1"})
+        m = ads.join(mat_w, on="ad_id", how="left").join(
+            mat_1.select("ad_id", "_m1"), on="ad_id", how="left"
+        )
+        mw, m1 = m["matured_spend"].fill_null(0.0).to_numpy(), m["_m1"].fill_null(0.0).to_numpy()
+        r_matured = np.where(m1 > 0, mw / np.where(m1 > 0, m1, 1.0), r_spend)
+        matured_expr = pl.col("matured_spend").cast(pl.Float64) * pl.col("_r_matured")
+    else:
+        pre_loss = ((1.0 - w) * spend).sum(axis=0)  # spend lost to the weights (pre-cut days)
+        r_matured = r_spend  # only for the value fallback below
+        matured_expr = (pl.col("matured_spend").cast(pl.Float64) - pl.col("_pre_loss")).clip(
+            lower_bound=0.0
+        )
+    r_value = r_matured
+    if "click_value" in daily.columns:
+        cv = (
+            daily.select(
+                pl.col("ad_id").cast(pl.Utf8),
+                pl.col("date").cast(pl.Date),
+                pl.col("click_value").cast(pl.Float64).fill_null(0.0),
+            )
+            .filter(pl.col("click_value") != 0)
+            .join(ads.select("ad_id", "_a"), on="ad_id", how="inner")
+        )
+        if cv.height:
+            ci = np.clip(
+                (cv["date"] - day0).dt.total_days().to_numpy().astype(np.int64), 0, n_days - 1
+            )
+            ca = cv["_a"].to_numpy().astype(np.int64)
+            v = cv["click_value"].to_numpy()
+            tot = np.bincount(ca, weights=v, minlength=k)
+            wsum = np.bincount(ca, weights=v * w[ci, ca], minlength=k)
+            r_value = np.where(
+                tot > 0, np.clip(wsum / np.where(tot > 0, tot, 1.0), 0.0, 1.0), r_value
+            )
+    day_list = [day0 + timedelta(days=int(c)) for c in cut]
+    got = ads.select("ad_id").with_columns(
+        pl.Series("_r_imps", ratio(imps)),
+        pl.Series("_r_clicks", ratio(clicks)),
+        pl.Series("_r_spend", r_spend),
+        pl.Series("_r_matured", np.asarray(r_matured, dtype=np.float64)),
+        pl.Series("_r_value", np.asarray(r_value, dtype=np.float64)),
+        pl.Series("_pre_loss", pre_loss if lag_cdf is None or not lag_cdf.height else np.zeros(k)),
+        pl.Series("_cut", day_list, dtype=pl.Date),
+        pl.Series("_keep", keep),
+        pl.Series("_any", cut > 0),
+    )
+    out = out.join(got, on="ad_id", how="left", maintain_order="left")
+    hit = pl.col("_any").fill_null(False)
+    scale = {
+        "impressions": "_r_imps",
+        "clicks": "_r_clicks",
+        "spend": "_r_spend",
+        "pipeline_value": "_r_value",
+        "lag_corrected_value": "_r_value",
+        "conversions": "_r_value",
+    }
+    cols = [
+        pl.when(hit)
+        .then(pl.col(c).cast(pl.Float64) * pl.col(r))
+        .otherwise(pl.col(c).cast(pl.Float64))
+        .alias(c)
+        for c, r in scale.items()
+        if c in out.columns
+    ]
+    if "matured_spend" in out.columns:
+        cols.append(
+            pl.when(hit)
+            .then(matured_expr)
+            .otherwise(pl.col("matured_spend").cast(pl.Float64))
+            .alias("matured_spend")
+        )
+    return out.with_columns(
+        *cols,
+        pl.when(hit).then(pl.col("_cut")).alias("forget_cut"),
+        pl.when(hit).then(pl.col("_keep")).otherwise(1.0).alias("forget_weight"),
+    ).drop(
+        "_r_imps",
+        "_r_clicks",
+        "_r_spend",
+        "_r_matured",
+        "_r_value",
+        "_pre_loss",
+        "_cut",
+        "_keep",
+        "_any",
+    )
+
+
+def _drift_decay(
+    perf: pl.DataFrame, factors: pl.DataFrame, daily: pl.DataFrame | None
+) -> pl.DataFrame:
+    """``instant_learner.decay_counts``; ads with no evidence before the change keep
+    ``evidence_factor`` 1 (nothing was discounted)."""
+    decayed = instant_learner.decay_counts(perf, factors, daily=daily)
+    counts = [c for c in ("impressions", "spend") if c in perf.columns]
+    less = pl.any_horizontal([decayed[c] < perf[c].cast(pl.Float64) - 1e-9 for c in counts])
+    return decayed.with_columns(pl.when(less).then(pl.col("evidence_factor")).otherwise(1.0))
+
+
 def apply_learning(
     perf: pl.DataFrame,
     *,
@@ -325,15 +541,25 @@ def apply_learning(
     boost_accounts: set[str] | frozenset[str] = frozenset(),
     prior_accounts: set[str] | frozenset[str] = frozenset(),
     decay_accounts: set[str] | frozenset[str] = frozenset(),
+    forget_accounts: set[str] | frozenset[str] = frozenset(),
     creatives: pl.DataFrame | None = None,
     patterns: pl.DataFrame | None = None,
     index: winners_mod.WinnerIndex | None = None,
     drifts: pl.DataFrame | None = None,
     daily: pl.DataFrame | None = None,
+    lag_cdf: pl.DataFrame | None = None,
+    forget_options: Mapping[str, float | None] | None = None,
     new_ad_hours: float = NEW_AD_HOURS,
 ) -> pl.DataFrame:
     """``perf`` with the learners' allocator inputs for the accounts that turned them on.
 
+    - ``forget_accounts`` (``learning.forget_changes``): :func:`forget_changes` on ``daily``
+      (and ``lag_cdf`` for the matured spend): each ad's evidence from before its own (or its
+      account's) CTR change day is weighted by ``sampler.evidence_weights``. It runs first;
+      the drift discount below then skips the ads it already cut (both discount the same
+      pre-change evidence, so applying both would count the change twice), and still
+      applies to the other ads of the account. Adds ``forget_cut`` / ``forget_weight`` when
+      at least one ad was cut.
     - ``decay_accounts`` (``learning.drift_discount``): evidence from before each account's
       latest detected drift (``drifts``: ``detected_drifts`` rows) is weighted down by
       ``instant_learner.evidence_decay`` / ``decay_counts`` (``daily``: ad_id, date and
@@ -354,15 +580,34 @@ def apply_learning(
     out = perf
     if perf.is_empty():
         return out
+    if forget_accounts:
+        forgot = forget_changes(
+            out, daily, accounts=forget_accounts, now=now, lag_cdf=lag_cdf, options=forget_options
+        )
+        if forgot["forget_cut"].is_not_null().any():  # else: unchanged, same columns
+            out = forgot
     if decay_accounts and drifts is not None and drifts.height and "detected_at" in drifts.columns:
         mine = drifts.filter(pl.col("account_id").cast(pl.Utf8).is_in(sorted(decay_accounts)))
         factors = instant_learner.evidence_decay(mine, now)
         if factors.height:
-            decayed = instant_learner.decay_counts(out, factors, daily=daily)
-            # ads with no evidence before the change keep factor 1 (nothing was discounted)
-            counts = [c for c in ("impressions", "spend") if c in out.columns]
-            less = pl.any_horizontal([decayed[c] < out[c].cast(pl.Float64) - 1e-9 for c in counts])
-            out = decayed.with_columns(pl.when(less).then(pl.col("evidence_factor")).otherwise(1.0))
+            if "forget_cut" in out.columns:  # ads already cut by forget_changes: not again
+                cut = out["forget_cut"].is_not_null().to_numpy()
+                row = np.arange(out.height)
+                rest = _drift_decay(out.filter(~cut), factors, daily)
+                done = out.filter(cut).with_columns(pl.lit(1.0).alias("evidence_factor"))
+                out = (
+                    pl.concat(
+                        [
+                            rest.with_columns(pl.Series("_i", row[~cut])),
+                            done.with_columns(pl.Series("_i", row[cut])),
+                        ],
+                        how="diagonal_relaxed",
+                    )
+                    .sort("_i")
+                    .drop("_i")
+                )
+            else:
+                out = _drift_decay(out, factors, daily)
     want_boost = bool(boost_accounts) and patterns is not None and patterns.height > 0
     want_prior = bool(prior_accounts) and index is not None and index.size > 0
     if not (want_boost or want_prior):
@@ -411,8 +656,8 @@ def apply_learning(
 
 
 def _learning_notes(perf: pl.DataFrame) -> pl.DataFrame:
-    """ad_id + the reason text of winner priors and drift-discounted evidence ("" when none;
-    boosts are named by the allocator itself through ``boost_reason``)."""
+    """ad_id + the reason text of winner priors, drift-discounted and forgotten evidence
+    ("" when none; boosts are named by the allocator itself through ``boost_reason``)."""
     notes = []
     if "prior_reason" in perf.columns:
         notes.append(
@@ -427,6 +672,18 @@ def _learning_notes(perf: pl.DataFrame) -> pl.DataFrame:
                 pl.format(
                     " Evidence from before the detected drift weighted x{}.",
                     pl.col("evidence_factor").round(2),
+                )
+            )
+            .otherwise(pl.lit(""))
+        )
+    if "forget_cut" in perf.columns:
+        notes.append(
+            pl.when(pl.col("forget_cut").is_not_null())
+            .then(
+                pl.format(
+                    " CTR changed on {}: evidence before it weighted x{}.",
+                    pl.col("forget_cut").cast(pl.Utf8),
+                    pl.col("forget_weight").round(2),
                 )
             )
             .otherwise(pl.lit(""))
