@@ -515,3 +515,59 @@ def test_p_best_sums_to_one_per_account_with_even_and_uneven_accounts():
         )
         assert np.allclose(sums["p_best"].to_numpy(), 1.0)
         assert (sums["n"] <= SamplerConfig().p_best_top_k).all()
+
+
+def test_number_texts_by_distinct_value_and_table_match_the_plain_casts():
+    """Reasons format numbers once per distinct value / by table lookup; the text must be the
+    same as casting every row (ties like 2.675, -0.0, huge values fall back to the cast)."""
+    from optimizer_assets.domain import sampler as s
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(0, 300, 5000), np.round(rng.uniform(0, 50, 5000), 2)])
+    edges = [0.0, 0.005, 0.015, 0.125, 1.005, 0.5, 1.5, 2.5, 999.995, 1e12 + 0.5]
+    for fmt in (s._fmt2, s._fmt_money):
+        for values, must in ((x, True), (np.array(edges), False), (np.append(x, 2.675), False)):
+            want = pl.DataFrame({"v": values}).select(fmt(pl.col("v"))).to_series()
+            got = s._float_text(values, fmt)
+            assert got is not None or not must
+            assert got is None or got.to_list() == want.to_list()
+    for bad in (np.array([-0.001, 1.0]), np.array([1e14, 1.0])):  # outside its range: None
+        assert s._float_text(bad, s._fmt2) is None
+    ints = np.concatenate([x[x < 1e6], [0.5, 1.5, 2.5, 3.49999, 47.5]])
+    want = pl.DataFrame({"v": ints}).select(s._fmt_int(pl.col("v"))).to_series()
+    assert s._int_text(ints).to_list() == want.to_list()
+    assert s._int_text(np.array([-1.0])) is None
+
+
+def test_reasons_are_the_same_with_and_without_the_per_value_formatting(monkeypatch):
+    from optimizer_assets.domain import sampler as s
+
+    rng = np.random.default_rng(11)
+    n_acc, per = 4, 1500
+    n = n_acc * per
+    imps = rng.integers(0, 200_000, n)
+    spend = imps / 1000 * rng.uniform(5, 20, n)
+    conv = rng.poisson(spend * rng.lognormal(0, 0.7, n) / 100)
+    age_h = rng.uniform(0, 24 * 30, n)
+    ads = pl.DataFrame(
+        {
+            "ad_id": [f"a{i}" for i in range(n)],
+            "account_id": np.repeat(np.arange(n_acc), per).astype(str),
+            "created_at": [NOW - timedelta(hours=float(h)) for h in age_h],
+            "impressions": imps,
+            "clicks": rng.binomial(imps, rng.beta(2, 150, n)),
+            "spend": spend,
+            "pipeline_value": conv * 100.0,
+            "conversions": conv,
+            "current_budget": rng.uniform(5, 50, n),
+            "ctr_3d_change": rng.normal(0, 0.15, n),
+            "frequency": rng.uniform(1, 4, n),
+        }
+    )
+    budgets = {str(a): 10_000.0 for a in range(n_acc)}
+    monkeypatch.setattr(s, "_EAGER_ROWS", 1)
+    eager = allocate(ads, budgets, now=NOW, rng=np.random.default_rng(1))
+    monkeypatch.setattr(s, "_EAGER_ROWS", 10**9)
+    plain = allocate(ads, budgets, now=NOW, rng=np.random.default_rng(1))
+    assert eager["reason"].to_list() == plain["reason"].to_list()
+    assert eager["action"].n_unique() >= 2
