@@ -3,12 +3,20 @@
 No Dagster here; `defs/resources.py` wraps it. Each call opens and closes its own connection so
 separate runs never hold the file open between steps (runs that write share one Dagster pool).
 Writes are idempotent: a partition or a key set is deleted, then inserted, in one transaction.
+
+DuckDB lets one process at a time open a file for writing (and no reader while it does); a
+process that is not a Dagster step (the webhook receiver sharing the file, a person's ``duckdb``
+shell, a bench reading results) can hold it for a moment. ``connect`` therefore retries a lock
+conflict with backoff for up to ``lock_wait_seconds`` (default ``LOCK_WAIT_SECONDS``) before
+raising the ``duckdb.IOException``; pass 0 to fail at once (the receiver, which has its own
+deadline).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +24,8 @@ import duckdb
 import polars as pl
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LOCK_WAIT_SECONDS = 2.0  # how long connect() waits for another process's lock on the file
+_LOCK_MESSAGE = "lock"  # DuckDB: 'Could not set lock on file ...: Conflicting lock is held'
 
 
 def _ident(name: str) -> str:
@@ -27,15 +37,29 @@ def _ident(name: str) -> str:
 class Warehouse:
     """A DuckDB file holding the optimizer's tables (only hashed identifiers, never raw PII)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, lock_wait_seconds: float = LOCK_WAIT_SECONDS) -> None:
         self.path = Path(path)
+        self.lock_wait_seconds = lock_wait_seconds
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """``duckdb.connect``, retried while another process holds a conflicting file lock."""
+        deadline = time.monotonic() + self.lock_wait_seconds
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if _LOCK_MESSAGE not in str(exc).lower() or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if read_only and not self.path.exists():
             read_only = False
-        con = duckdb.connect(str(self.path), read_only=read_only)
+        con = self._open(read_only)
         con.execute("SET TimeZone = 'UTC'")  # timestamps come back as Datetime(tz="UTC")
         con.execute("SET enable_progress_bar = false")
         try:

@@ -434,11 +434,165 @@ def test_definitions_wire_the_loop() -> None:
     )
     for name in ("meta_insights_hourly", "meta_insights_repull"):
         assert defs.resolve_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
-    # the periodically rebuilt assets have their own schedules and stay out of the loop
-    all_keys = {k.path[0] for k in graph.get_all_asset_keys()}
-    for key, cron in orch.CADENCES.items():
-        schedule = defs.resolve_schedule_def(f"{key}_cadence")
-        assert schedule.cron_schedule == cron and key not in keys
-        if key in all_keys:
-            targeted = defs.resolve_job_def(schedule.job_name).asset_layer.selected_asset_keys
-            assert {k.path[0] for k in targeted} == {key}
+    # the periodically rebuilt assets stay out of the loop (their conditions: tests below)
+    assert not set(orch.CADENCES) & keys
+    assert sensor.minimum_interval_seconds < 5  # ticks on every sensor-daemon loop (5 s)
+
+
+# ---- automation conditions ---------------------------------------------------------------------
+AUTOMATED = {*orch.CADENCES, "online_learner"}
+
+
+def test_learning_assets_declare_automation_conditions_and_nothing_else_runs_them() -> None:
+    from optimizer_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    conditions = {
+        key.path[0]: graph.get(key).automation_condition for key in graph.get_all_asset_keys()
+    }
+    assert {k for k, c in conditions.items() if c is not None} == AUTOMATED
+    for key, cron in orch.CADENCES.items():  # rebuilt on their own cadence
+        assert conditions[key].get_label() == dg.AutomationCondition.on_cron(cron).get_label()
+    # the optimizer_automation sensor evaluates every asset that declares a condition ...
+    sensor = defs.resolve_sensor_def("optimizer_automation")
+    assert {k.path[0] for k in sensor.asset_selection.resolve(graph)} >= AUTOMATED
+    # ... and no schedule or sensor-launched job runs them too (no double trigger)
+    for name in (orch.LOOP_JOB, orch.INSIGHTS_JOB):
+        selected = defs.resolve_job_def(name).asset_layer.selected_asset_keys
+        assert not AUTOMATED & {k.path[0] for k in selected}
+    for schedule in defs.schedules or []:
+        job = defs.resolve_job_def(schedule.job_name)
+        assert not AUTOMATED & {k.path[0] for k in job.asset_layer.selected_asset_keys}
+
+
+def test_automation_conditions_request_the_learning_assets_on_cadence() -> None:
+    """What ``optimizer_automation`` evaluates each tick, on the real definitions: nothing until
+    the inputs are updated; after a cron tick with fresh inputs, the cadenced assets; after a new
+    insights partition, the online learner only; never twice for the same update."""
+    from optimizer_assets.definitions import defs
+
+    now = datetime.now(UTC)
+    today = now.date().isoformat()
+
+    def tick(instance, at: datetime, cursor=None):
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, evaluation_time=at, cursor=cursor
+        )
+        requested = {r.key.path[0] for r in result.results if r.true_subset.size}
+        return requested, result.cursor
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        requested, cursor = tick(instance, now - timedelta(days=1, hours=1))
+        assert requested == set()  # first evaluation: nothing requested
+        for key in ("meta_ads", "ad_performance"):
+            instance.report_runless_asset_event(dg.AssetMaterialization(key))
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("meta_ad_insights", partition=today)
+        )
+        # a day later: both crons ticked, every input updated since -> one request each
+        requested, cursor = tick(instance, now, cursor)
+        assert requested == AUTOMATED
+        requested, cursor = tick(instance, now + timedelta(seconds=30), cursor)
+        assert requested == set()  # handled: not requested again
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("meta_ad_insights", partition=today)
+        )
+        requested, cursor = tick(instance, now + timedelta(seconds=60), cursor)
+        assert requested == {"online_learner"}  # no cron tick since: the cadenced ones wait
+
+
+# ---- the warehouse waits briefly for another process's lock ------------------------------------
+_HOLD_LOCK = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.readline()
+con.close()
+print("released", flush=True)
+"""
+
+
+def test_warehouse_connect_waits_for_another_process_lock(tmp_path) -> None:
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    path = tmp_path / "locked.duckdb"
+    Warehouse(path).replace("t", pl.DataFrame({"x": [1, 2]}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(duckdb.IOException, match="lock"):  # no wait: fails at once
+            Warehouse(path, lock_wait_seconds=0).read("t")
+        release = threading.Timer(0.3, lambda: (holder.stdin.write("go\n"), holder.stdin.flush()))
+        started = time.monotonic()
+        release.start()
+        assert Warehouse(path, lock_wait_seconds=30).read("t")["x"].to_list() == [1, 2]
+        assert time.monotonic() - started >= 0.3  # it did wait for the holder
+        release.join()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_receiver_and_dagster_agree_on_the_landing_file(tmp_path, monkeypatch) -> None:
+    from optimizer_assets.webhooks.receiver import Receiver, ReceiverSettings
+
+    main, own = str(tmp_path / "warehouse.duckdb"), str(tmp_path / "webhooks.duckdb")
+    env = {"HUBSPOT_CLIENT_SECRET": "s", "OPTIMIZER_WAREHOUSE": main}
+    for landing, expected in ((None, main), (own, own)):
+        if landing is None:
+            monkeypatch.delenv("OPTIMIZER_WEBHOOK_WAREHOUSE", raising=False)
+        else:
+            monkeypatch.setenv("OPTIMIZER_WEBHOOK_WAREHOUSE", landing)
+            env["OPTIMIZER_WEBHOOK_WAREHOUSE"] = landing
+        settings = ReceiverSettings.from_env(env)
+        assert settings.warehouse_path == expected
+        assert str(orch.landing_warehouse(WarehouseResource(path=main)).path) == expected
+    # the receiver retries against its own deadline: its connections never wait for a lock
+    assert Receiver(settings).warehouse.lock_wait_seconds == 0
+
+
+# ---- the end-to-end bench's measuring helpers ----------------------------------------------------
+def test_bench_records_only_accepted_sandbox_budget_updates() -> None:
+    from optimizer_assets.bench import e2e_latency as e2e
+    from optimizer_assets.sandbox.world import WorldError
+
+    world = sandbox_world()
+    updates = e2e.record_budget_updates(world)
+    adset = world.adsets().row(0, named=True)
+    new = int(adset["daily_budget"]) + 100
+    world.update_adset(str(adset["adset_id"]), daily_budget=new)
+    with pytest.raises(WorldError):  # below Meta's minimum: refused, not a change
+        world.update_adset(str(adset["adset_id"]), daily_budget=1)
+    world.update_adset(str(adset["adset_id"]), status="PAUSED")  # not a budget change
+    assert [u[1:] for u in updates] == [(str(adset["adset_id"]), new)]
+    assert int(world.adsets().row(0, named=True)["daily_budget"]) == new
+
+
+def test_bench_splits_a_run_into_phases_and_steps() -> None:
+    from optimizer_assets.bench import e2e_latency as e2e
+
+    @dg.asset
+    def first() -> None: ...
+
+    @dg.asset(name=e2e.TARGET_ASSET, deps=[first])
+    def target() -> None: ...
+
+    job = dg.define_asset_job("timeline_job", selection=[first, target])
+    defs = dg.Definitions(assets=[first, target], jobs=[job])
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert defs.resolve_job_def("timeline_job").execute_in_process(instance=instance).success
+        timelines = e2e.run_timelines(instance, "timeline_job")
+    parts = set(timelines["what"])
+    assert {"step first", f"step {e2e.TARGET_ASSET}", "between steps"} <= parts
+    assert "steps (run start -> apply step done)" in parts
+    assert (timelines["seconds"] >= 0).all()
+    table = e2e.breakdown_table(timelines)
+    assert f"step {e2e.TARGET_ASSET}" in table and "| runs |" in table

@@ -135,6 +135,8 @@ def false_alarms(detected: pl.DataFrame, truth: list[dict]) -> int:
     kinds={"duckdb", "polars"},
     deps=["ad_performance", "meta_ads"],
     pool="duckdb",
+    # daily, once its inputs are fresh (orchestration.CADENCES; optimizer_automation runs it)
+    automation_condition=dg.AutomationCondition.on_cron("30 3 * * *"),
 )
 def cross_account_patterns(warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Creative traits and trait pairs that win in >= 3 accounts, with their 5-20% boost and the
@@ -162,6 +164,8 @@ def cross_account_patterns(warehouse: WarehouseResource) -> dg.MaterializeResult
     kinds={"duckdb", "polars"},
     deps=["ad_performance", "meta_ads"],
     pool="duckdb",
+    # every 6 hours, once its inputs are fresh (orchestration.CADENCES)
+    automation_condition=dg.AutomationCondition.on_cron("0 */6 * * *"),
 )
 def winner_index(
     context: dg.AssetExecutionContext, optimizer: OptimizerResource, warehouse: WarehouseResource
@@ -233,6 +237,10 @@ def winners_find_themselves(warehouse: WarehouseResource) -> dg.AssetCheckResult
     kinds={"duckdb", "polars"},
     deps=["meta_ad_insights", "meta_ads"],
     pool="duckdb",
+    # after every insights pull; eager() would also wait for every past insights partition
+    automation_condition=dg.AutomationCondition.eager().without(
+        ~dg.AutomationCondition.any_deps_missing()
+    ),
 )
 def online_learner(
     optimizer: OptimizerResource, warehouse: WarehouseResource

@@ -21,9 +21,11 @@ schedules and the automation sensor.
   days). "Today" is the optimizer's clock (the sandbox's in sandbox mode). Crons come from
   ``OPTIMIZER_INSIGHTS_CRON`` / ``OPTIMIZER_INSIGHTS_REPULL_CRON`` (``optimizer ui`` speeds the
   re-pull up because its sandbox clock runs 3600x).
-- ``winner_index`` and ``cross_account_patterns`` (issue 7) are rebuilt by their own schedules
-  (``CADENCES``) and kept out of the per-change loop; ``optimizer_automation`` evaluates the
-  ``AutomationCondition`` of any asset that declares one.
+- ``winner_index`` and ``cross_account_patterns`` (issue 7) are kept out of the per-change loop
+  and rebuilt on their own cadence: each declares ``AutomationCondition.on_cron`` (crons in
+  ``CADENCES``: after the tick, once its inputs have updated since), and ``online_learner``
+  follows each insights pull (eager, without waiting for every past insights partition).
+  ``optimizer_automation`` evaluates those conditions; no job or schedule here runs them too.
 
 Runs that touch Meta carry ``META_WRITES_TAG`` (``dagster.yaml`` lets one go at a time); every
 asset here sits in the ``duckdb`` pool.
@@ -82,7 +84,10 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 # clock or a commit racing the sensor's read
 RECEIVED_OVERLAP = timedelta(seconds=10)
 SEARCH_OVERLAP = OVERLAP  # HubSpot's search index lags writes; same overlap as hubspot_deals
-SENSOR_INTERVAL_SECONDS = 5
+# The sensor daemon evaluates sensors at most every 5 s (its loop) and skips a sensor whose
+# previous tick ENDED less than minimum_interval_seconds ago (dagster/_daemon/sensor.py): with 5
+# a loop that starts < 5 s after the last tick ended is skipped; below it, every loop ticks.
+SENSOR_INTERVAL_SECONDS = 1
 MAX_EVENTS_PER_RUN = 20_000  # events one run request lists (its key); the run reads them all
 MAX_PENDING = 1_000  # searched states awaiting confirmation that webhooks missed them
 SHORT_KEY = 16  # hex chars of event_key kept in the cursor (64 bits)
@@ -497,7 +502,8 @@ def hubspot_webhook_deal_states(
 
 
 # ----------------------------------------------------------------------------- jobs
-# Periodically rebuilt assets (issue 7): their own schedules below, never the per-change loop.
+# Periodically rebuilt assets (issue 7): their AutomationCondition.on_cron(cron) (declared on the
+# assets in defs/learning.py, a test keeps the two equal), never the per-change loop.
 CADENCES: dict[str, str] = {
     "winner_index": "0 */6 * * *",  # FAISS index of winning ads: four times a day
     "cross_account_patterns": "30 3 * * *",  # cross-account learner: once a day
@@ -636,34 +642,21 @@ def meta_insights_repull(
     )
 
 
-cadence_schedules = [
-    dg.ScheduleDefinition(
-        name=f"{key}_cadence",
-        cron_schedule=cron,
-        target=dg.AssetSelection.key_prefixes([key]),
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Rebuild {key} on its own cadence (not on every CRM change).",
-    )
-    for key, cron in CADENCES.items()
-]
-
-
 # ----------------------------------------------------------------------------- automation
-# Assets that only need to follow their parents declare an AutomationCondition, e.g.
-#   @dg.asset(..., automation_condition=dg.AutomationCondition.eager())
-# (``online_learner`` after each insights pull is the candidate); ``optimizer_automation``,
-# running by default, evaluates them.
+# Assets that only need to follow their parents, or a cadence, declare an AutomationCondition
+# (defs/learning.py: winner_index, cross_account_patterns, online_learner) instead of a schedule
+# or a sensor; ``optimizer_automation``, running by default, evaluates them every 30 s.
 optimizer_automation = dg.AutomationConditionSensorDefinition(
     "optimizer_automation",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Evaluates the assets' AutomationConditions (periodic rebuilds).",
+    description="Evaluates the assets' AutomationConditions (cadenced rebuilds of the winner "
+    "index and cross-account patterns; the online learner after each insights pull).",
 )
 
 
 assets = [hubspot_webhook_deal_states]
 jobs = [hubspot_changes_loop, meta_insights]
 sensors = [hubspot_changes_sensor, optimizer_automation]
-schedules = [meta_insights_hourly, meta_insights_repull, *cadence_schedules]
+schedules = [meta_insights_hourly, meta_insights_repull]

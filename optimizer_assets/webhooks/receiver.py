@@ -13,9 +13,14 @@ and keyed on ``event_key``, so retries and duplicates add nothing. ``received_at
 under the write lock and strictly increases within one receiver process: a sensor can keep a
 ``received_at`` watermark (with a little overlap, deduplicating on ``event_key``).
 
-DuckDB allows one writing process per file. Writes are serialized by a lock in the receiver and
-kept short (one ``append_new`` transaction per delivery); when another process holds the file
-(a Dagster run, a sensor's read), the write is retried with backoff, then answered 503.
+DuckDB allows one writing process per file (and no reader in another process while it writes).
+Writes are serialized by a lock in the receiver and kept short (one ``append_new`` transaction
+per delivery); when another process holds the file (a Dagster run, a sensor's read), the write is
+retried with backoff within ``store_timeout_seconds``, then answered 503 (HubSpot retries).
+That is why the receiver should get a DuckDB file of its own (``--warehouse`` /
+``OPTIMIZER_WEBHOOK_WAREHOUSE``, the same variable Dagster's sensor and
+``hubspot_webhook_deal_states`` read): then only their short reads ever touch it, and Dagster
+steps never wait for a delivery nor a delivery for a step. Default: the warehouse itself.
 
 The client secret comes from ``HUBSPOT_CLIENT_SECRET`` only; it is never logged, echoed or put in
 an exception. Behind a proxy, set ``OPTIMIZER_WEBHOOK_PUBLIC_URL`` to the public origin (plus any
@@ -102,12 +107,15 @@ class ReceiverSettings:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> ReceiverSettings:
-        """``HUBSPOT_CLIENT_SECRET``, ``OPTIMIZER_WAREHOUSE``, ``OPTIMIZER_WEBHOOK_PUBLIC_URL``;
-        keyword overrides (not None) win."""
+        """``HUBSPOT_CLIENT_SECRET``, ``OPTIMIZER_WEBHOOK_WAREHOUSE`` (else
+        ``OPTIMIZER_WAREHOUSE``), ``OPTIMIZER_WEBHOOK_PUBLIC_URL``; keyword overrides (not None)
+        win. The landing file is the one Dagster reads (``OPTIMIZER_WEBHOOK_WAREHOUSE``, else
+        the warehouse), so one environment configures both."""
         env = os.environ if environ is None else environ
+        warehouse = env.get("OPTIMIZER_WEBHOOK_WAREHOUSE") or env.get("OPTIMIZER_WAREHOUSE")
         values: dict[str, Any] = {
             "client_secret": env.get("HUBSPOT_CLIENT_SECRET", ""),
-            "warehouse_path": env.get("OPTIMIZER_WAREHOUSE") or str(DEFAULT_WAREHOUSE),
+            "warehouse_path": warehouse or str(DEFAULT_WAREHOUSE),
             "public_base_url": env.get("OPTIMIZER_WEBHOOK_PUBLIC_URL") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -152,7 +160,8 @@ class Receiver:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.warehouse = warehouse or Warehouse(settings.warehouse_path)
+        # no lock wait inside connect(): store() retries against its own deadline
+        self.warehouse = warehouse or Warehouse(settings.warehouse_path, lock_wait_seconds=0)
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
         self._last_received: datetime | None = None
