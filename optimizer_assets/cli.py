@@ -182,7 +182,12 @@ def webhook() -> None:
     help="Public base URL HubSpot posts to, behind a proxy [$OPTIMIZER_WEBHOOK_PUBLIC_URL].",
 )
 @click.option(
-    "--warehouse", default=None, help="DuckDB file; default $OPTIMIZER_WAREHOUSE or data/."
+    "--warehouse",
+    default=None,
+    help=(
+        "DuckDB landing file; default $OPTIMIZER_WEBHOOK_WAREHOUSE, else $OPTIMIZER_WAREHOUSE, "
+        "else data/."
+    ),
 )
 def webhook_serve(host: str, port: int, public_url: str | None, warehouse: str | None) -> None:
     """Receive HubSpot webhooks on HOST:PORT/webhooks/hubspot (secret: $HUBSPOT_CLIENT_SECRET)."""
