@@ -192,6 +192,38 @@ def test_missing_attribution_counts_as_zero_value(loop):
     assert checks == {"budgets_are_consistent": True}
 
 
+def test_score_history_keeps_the_retention_window_and_reports_what_it_removed(loop):
+    """Runs scored more than HISTORY_RETENTION_DAYS before now are deleted by ad_scores (counts
+    in its metadata); newer runs and the current one stay; a second run removes nothing."""
+    tmp, resources = loop["tmp"], dict(loop["resources"])
+    path = tmp / "history_retention.duckdb"
+    shutil.copy(tmp / "warehouse.duckdb", path)
+    wh = Warehouse(path)
+    current = wh.read(allocation.HISTORY)
+    (now,) = current["scored_at"].unique().to_list()
+    keep = allocation.HISTORY_RETENTION_DAYS
+    ages = {"old": [keep + 30, keep + 1], "kept": [keep - 1, 1]}
+    seeded = pl.concat(
+        current.with_columns(
+            scored_at=pl.lit(now - dt.timedelta(days=d)).cast(pl.Datetime("us", "UTC"))
+        )
+        for d in ages["old"] + ages["kept"]
+    )
+    wh.replace(allocation.HISTORY, pl.concat([seeded, current], how="vertical_relaxed"))
+    resources["warehouse"] = WarehouseResource(path=str(path))
+    meta, _ = _run(ALLOCATION, resources)
+    scores = meta["ad_scores"]
+    assert scores["history_runs_removed"] == 2
+    assert scores["history_rows_removed"] == 2 * current.height
+    history = wh.read(allocation.HISTORY)
+    left = sorted(history["scored_at"].unique().to_list())
+    assert left == sorted([now - dt.timedelta(days=d) for d in ages["kept"]] + [now])
+    assert history.height == 3 * current.height
+    again, _ = _run(ALLOCATION, resources)
+    assert again["ad_scores"]["history_runs_removed"] == 0
+    assert wh.read(allocation.HISTORY).height == history.height
+
+
 # ------------------------------------------------------------------ pure domain pieces
 
 

@@ -184,3 +184,58 @@ def test_deals_are_stored_chunk_by_chunk_with_the_same_result(loop_env, monkeypa
         wh.replace(table, wh.read(table).clear())
     materialize(deals_asset, resources)
     assert wh.read("hubspot_deals").sort("deal_id").equals(stored)
+
+
+def test_contacts_are_stored_chunk_by_chunk_with_the_same_result(loop_env, monkeypatch):
+    """Deals -> associations -> contacts in small chunks, written and logged per chunk, store
+    what one big chunk stores; a re-run adds nothing; contacts whose association was stored but
+    whose record was not (a crash between the two writes) are read on the next run."""
+    import optimizer_assets.defs.ingestion as ingestion
+
+    server, resources, wh = loop_env
+    crm_assets = [
+        a for a in UNPARTITIONED if a.key.path[0] in ("hubspot_deals", "hubspot_contacts")
+    ]
+    materialize([a for a in crm_assets if a.key.path[0] == "hubspot_deals"], resources)
+    contacts_asset = [a for a in crm_assets if a.key.path[0] == "hubspot_contacts"]
+    monkeypatch.setattr(ingestion, "CONTACT_DEAL_CHUNK", 7)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(contacts_asset, resources=resources, instance=instance)
+    assert result.success
+    meta = {
+        k: v.value
+        for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
+    n_deals = wh.read("hubspot_deals").height
+    assert meta["chunks"] == -(-n_deals // 7) >= 3
+    progress = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.user_message.startswith("hubspot_contacts: ")
+    ]
+    assert len(progress) == meta["chunks"]
+    assert progress[-1].startswith(f"hubspot_contacts: {n_deals:,} of {n_deals:,} deals done")
+    world_links = server.world.deal_contacts()
+    stored = wh.read("hubspot_contacts").sort("contact_id")
+    links = wh.read("deal_contacts").sort("deal_id", "contact_id")
+    assert meta["new_contacts"] == meta["row_count"] == stored.height
+    assert set(stored["contact_id"]) == set(world_links["contact_id"])
+    assert meta["new_associations"] == links.height == world_links.height
+
+    again = materialize(contacts_asset, resources)["hubspot_contacts"]
+    assert (again["new_contacts"], again["new_associations"], again["chunks"]) == (0, 0, 0)
+    assert wh.read("hubspot_contacts").sort("contact_id").equals(stored)
+
+    # a crash after storing associations but before their contacts: the next run reads them
+    wh.replace("hubspot_contacts", stored.head(stored.height // 2))
+    resumed = materialize(contacts_asset, resources)["hubspot_contacts"]
+    assert resumed["new_contacts"] == stored.height - stored.height // 2
+    assert wh.read("hubspot_contacts").sort("contact_id").equals(stored)
+
+    monkeypatch.setattr(ingestion, "CONTACT_DEAL_CHUNK", 10**9)
+    for table in ("hubspot_contacts", "deal_contacts"):
+        wh.replace(table, wh.read(table).clear())
+    one = materialize(contacts_asset, resources)["hubspot_contacts"]
+    assert one["chunks"] == 1
+    assert wh.read("hubspot_contacts").sort("contact_id").equals(stored)
+    assert wh.read("deal_contacts").sort("deal_id", "contact_id").equals(links)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 import dagster as dg
 import polars as pl
@@ -10,7 +11,7 @@ import pytest
 
 from optimizer_assets import definitions
 from optimizer_assets.defs import learning
-from optimizer_assets.defs.resources import build_resources
+from optimizer_assets.defs.resources import WarehouseResource, build_resources
 from optimizer_assets.domain.instant_learner import DRIFT_SCHEMA
 from optimizer_assets.domain.winner_index import WinnerIndex
 from optimizer_assets.sandbox.server import SandboxServer
@@ -121,6 +122,71 @@ def test_rerun_learns_nothing_twice_and_index_reloads(learned):
     later, _ = materialize([learning.online_learner], resources, instance)
     day_rows = wh.read("meta_ad_insights").filter(pl.col("date") == day)
     assert later["online_learner"]["events_new"] == day_rows.height > 0
+
+
+BUILD_SCHEMA = {"version": pl.Utf8, "path": pl.Utf8, "built_at": pl.Datetime("us", "UTC")}
+
+
+def _fake_builds(wh: Warehouse, versions: list[str], start: dt.datetime) -> None:
+    """List ``versions`` as builds one hour apart from ``start``, each with a directory."""
+    rows = []
+    for i, version in enumerate(versions):
+        d = learning.index_dir(wh, version)
+        d.mkdir(parents=True)
+        (d / "winners.faiss").write_bytes(b"x")
+        rows.append({"version": version, "path": str(d), "built_at": start + dt.timedelta(hours=i)})
+    frame = pl.DataFrame(rows, schema=BUILD_SCHEMA).with_columns(winners=pl.lit(1, pl.Int64))
+    wh.upsert(learning.BUILDS_TABLE, frame, keys=["version"])
+
+
+def test_index_retention_keeps_the_newest_versions_and_the_one_in_use(tmp_path):
+    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    now = start + dt.timedelta(days=1)
+    versions = [f"v{i}" for i in range(8)]
+    _fake_builds(wh, versions, start)
+    unlisted = learning.index_dir(wh, "being_saved")  # saved, not listed yet: never touched
+    unlisted.mkdir()
+    removed, kept = learning.prune_index_versions(wh, now=now, keep=3)
+    assert removed == ["v4", "v3", "v2", "v1", "v0"] and kept == 3
+    on_disk = sorted(p.name for p in (tmp_path / "winner_index").iterdir())
+    assert on_disk == ["being_saved", "v5", "v6", "v7"]
+    builds = wh.read(learning.BUILDS_TABLE).sort("version")
+    assert builds["version"].to_list() == versions  # the rows stay, marked
+    assert builds["removed_at"].is_not_null().to_list() == [True] * 5 + [False] * 3
+    assert learning.prune_index_versions(wh, now=now, keep=3) == ([], 3)
+    # an old version built again is the one in use: kept even with keep=0, and listed again
+    shutil.rmtree(learning.index_dir(wh, "v1"), ignore_errors=True)
+    _fake_builds(wh, ["v1"], now)
+    removed, kept = learning.prune_index_versions(wh, now=now, keep=0)
+    assert removed == ["v7", "v6", "v5"] and kept == 1
+    assert learning.index_dir(wh, "v1").exists()
+    assert wh.read(learning.BUILDS_TABLE).filter(pl.col("removed_at").is_null())[
+        "version"
+    ].to_list() == ["v1"]
+
+
+def test_winner_index_asset_removes_old_versions_and_reports_them(learned, tmp_path):
+    """On a copy of the loop's warehouse with 6 older listed builds: a build leaves the newest
+    KEEP_INDEX_VERSIONS on disk (its own included), says what it removed, and still loads."""
+    _, resources, wh, instance, _, _ = learned
+    resources = dict(resources)
+    copy = Warehouse(tmp_path / "warehouse.duckdb")
+    shutil.copy(wh.path, copy.path)
+    shutil.copytree(wh.path.parent / "winner_index", tmp_path / "winner_index")
+    old = [f"old{i}" for i in range(6)]
+    _fake_builds(copy, old, dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+    resources["warehouse"] = WarehouseResource(path=str(copy.path))
+    meta, _ = materialize([learning.winner_index], resources, instance)
+    built = meta["winner_index"]
+    on_disk = copy.read(learning.BUILDS_TABLE).filter(pl.col("removed_at").is_null())
+    assert built["versions_on_disk"] == on_disk.height == learning.KEEP_INDEX_VERSIONS
+    removed = built["removed_versions"].split(", ")
+    assert built["versions_removed"] == len(removed) >= 2
+    assert set(removed) <= set(old) and {"old0", "old1"} <= set(removed)
+    assert not any(learning.index_dir(copy, v).exists() for v in removed)
+    assert learning.index_dir(copy, built["version"]).exists()
+    assert learning.latest_index(copy).version == built["version"]
 
 
 def test_drifts_vs_truth_reports_delay_and_misses():

@@ -32,7 +32,11 @@ world greedy on current marginal value is optimal up to the daily granularity). 
 comes from the same seeded stream, so differences between policies are paired. The
 allocator's knobs were chosen on world seeds 0-15 (the temperature and the forgetting on
 0-47); the report uses seeds from 1000 on.
-``quick=True`` runs one seed per world and a 20k-ad speed run (a smoke test).
+``quick=True`` runs one seed per world and a 20k-ad speed run (a smoke test). After the
+medians, the report gives the paired per-seed differences of the allocator against each
+baseline (median, IQR, seeds won, sign-test and Wilcoxon p). Other seed sets and a
+regret-only run: ``python -m optimizer_assets.bench.sampler --seeds 1000-1049 --regret-only``
+(``--policy NAME`` limits the baselines; the default stays seeds 1000-1019 plus speed).
 
 (b) Speed. ``allocate`` on 100 accounts x 1,000 ads (100k ads) including P(best), end to
 end and without the reason text, next to the floor (numpy drawing one Beta and one Gamma per
@@ -43,6 +47,7 @@ the machine's load average, because other processes may share the CPUs.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -412,16 +417,91 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
-def regret_report(seeds: int, worlds: tuple[WorldSpec, ...] = WORLDS) -> tuple[str, dict]:
-    """Markdown table of median regret (IQR) per world and policy, plus the raw results."""
+def parse_seeds(text: str) -> list[int]:
+    """World seeds from ``"1000-1049"``, ``"1000,1003"`` or a mix (``"1000-1019,1030"``)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"empty seed range {part!r}")
+        seeds.extend(range(first, last + 1))
+    if not seeds:
+        raise ValueError(f"no seeds in {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeated seeds in {text!r}")
+    return seeds
+
+
+def _seed_label(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ", ".join(map(str, seeds))
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Two-sided exact sign test (ties dropped): P(a split at least this uneven | p = 1/2)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    k = min(better, worse)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_report(results: dict[str, dict[str, list[float]]], ours: str, others: list[str]) -> str:
+    """Per-seed differences ``ours - other`` (negative: ours lost less): median (IQR), seeds
+    where ours is better, the sign test's two-sided p and the Wilcoxon signed-rank test's
+    (which also weighs how large the differences are)."""
+    from scipy.stats import wilcoxon
+
+    worlds = list(results)
+    lines = [
+        "| ours minus | " + " | ".join(worlds) + " |",
+        "|---" * (len(worlds) + 1) + "|",
+    ]
+    for other in others:
+        cells = []
+        for w in worlds:
+            d = np.asarray(results[w][ours]) - np.asarray(results[w][other])
+            lo, med, hi = _quartiles(list(d))
+            better, worse = int((d < 0).sum()), int((d > 0).sum())
+            p = sign_test_p(better, worse)
+            pw = float(wilcoxon(d).pvalue) if np.any(d != 0) and d.size > 1 else 1.0
+            cells.append(
+                f"{med:+.1f} ({lo:+.1f} to {hi:+.1f}); better on {better}/{d.size}, "
+                f"sign p={p:.2g}, Wilcoxon p={pw:.2g}"
+            )
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def regret_report(
+    seeds: int | list[int],
+    worlds: tuple[WorldSpec, ...] = WORLDS,
+    policies: dict[str, Policy] | None = None,
+) -> tuple[str, dict]:
+    """Markdown table of median regret (IQR) per world and policy, the paired differences of
+    the first policy (the allocator) against each baseline, and the raw results.
+
+    ``seeds`` is a count of held-out seeds from ``HELD_OUT_SEED`` or an explicit list.
+    ``policies`` defaults to ``POLICIES``; its first entry is "ours" in the comparisons.
+    """
+    seed_list = (
+        list(range(HELD_OUT_SEED, HELD_OUT_SEED + seeds)) if isinstance(seeds, int) else list(seeds)
+    )
+    policies = POLICIES if policies is None else policies
     results: dict[str, dict[str, list[float]]] = {}
     for spec in worlds:
-        per: dict[str, list[float]] = {name: [] for name in POLICIES}
-        for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + seeds):
-            for name, r in run_world(spec, seed, POLICIES).items():
+        per: dict[str, list[float]] = {name: [] for name in policies}
+        for seed in seed_list:
+            for name, r in run_world(spec, seed, policies).items():
                 per[name].append(r)
         results[spec.name] = per
-    names = list(POLICIES)
+    names = list(policies)
     header = "| policy | " + " | ".join(s.name for s in worlds) + " |"
     lines = [header, "|---" * (len(worlds) + 1) + "|"]
     for name in names:
@@ -431,13 +511,15 @@ def regret_report(seeds: int, worlds: tuple[WorldSpec, ...] = WORLDS) -> tuple[s
             cells.append(f"{med:.1f} ({lo:.1f}-{hi:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ours = names[0]
+    baselines = [n for n in names if not n.startswith("allocator")]
+    click_ts = "plain Beta-Bernoulli Thompson on clicks"
     verdict = []
     for spec in worlds:
         med = {n: float(np.median(results[spec.name][n])) for n in names}
-        beaten = [n for n in names if not n.startswith("allocator") and med[ours] >= med[n]]
-        ratio = med[ours] / med["plain Beta-Bernoulli Thompson on clicks"]
+        beaten = [n for n in baselines if med[ours] >= med[n]]
+        ratio = f"{med[ours] / med[click_ts]:.2f}" if click_ts in med else "n/a"
         verdict.append(
-            f"| {spec.name} | {'yes' if not beaten else 'no: ' + ', '.join(beaten)} | {ratio:.2f} |"
+            f"| {spec.name} | {'yes' if not beaten else 'no: ' + ', '.join(beaten)} | {ratio} |"
         )
     table = "\n".join(lines)
     goals = "\n".join(
@@ -447,7 +529,8 @@ def regret_report(seeds: int, worlds: tuple[WorldSpec, ...] = WORLDS) -> tuple[s
             *verdict,
         ]
     )
-    return table + "\n\n" + goals, results
+    paired = paired_report(results, ours, baselines)
+    return table + "\n\n" + goals + "\n\n" + paired, results
 
 
 # ---------------------------------------------------------------------------------------- speed
@@ -571,33 +654,86 @@ def speed_report(accounts: int, ads: int, runs: int) -> tuple[str, dict]:
     }
 
 
-def main(quick: bool = False) -> str:
-    """Markdown report: regret per world and policy, then speed."""
+def main(
+    quick: bool = False,
+    seeds: list[int] | None = None,
+    regret_only: bool = False,
+    policy_names: list[str] | None = None,
+) -> str:
+    """Markdown report: regret per world and policy, then speed (unless ``regret_only``).
+
+    ``seeds`` overrides the held-out world seeds (default: 20 from ``HELD_OUT_SEED``, one when
+    ``quick``); ``policy_names`` runs only those policies (the allocator always runs first, as
+    the comparisons' "ours")."""
     # quick (a smoke run for tests): one seed per world and a 20k-ad speed run
-    seeds = 1 if quick else 20
-    regret_md, _ = regret_report(seeds)
-    speed_md, _ = speed_report(20 if quick else 100, 1000, 2 if quick else 7)
+    if seeds is None:
+        seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + (1 if quick else 20)))
+    ours = next(iter(POLICIES))
+    chosen = list(POLICIES) if policy_names is None else [ours, *policy_names]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; known: {list(POLICIES)}")
+    policies = {n: POLICIES[n] for n in dict.fromkeys(chosen)}
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    regret_md, _ = regret_report(seeds, policies=policies)
+    regret_s = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
     spec = WORLDS[0]
-    return "\n".join(
-        [
-            f"### Regret (% of the oracle's value; median (IQR) over {seeds} seeds)",
-            "",
-            f"One account, {spec.n_ads} ads, ${spec.daily_budget:,.0f}/day for {spec.days} "
-            "days; value events of ~$300, true ROAS lognormal around 1.5, log CTR and log "
-            f"value per click correlated {spec.ctr_vpc_corr}. World seeds {HELD_OUT_SEED}+ "
-            "(the allocator's knobs were chosen on seeds 0-47). The allocator runs with "
-            "`SamplerConfig()` defaults. Every policy spends the same budget in its own copy of "
-            "the world with the same random numbers; budget-slot baselines use "
-            f"{SLOTS} slots/day.",
-            "",
-            regret_md,
-            "",
-            "### Speed",
-            "",
-            speed_md,
-        ]
+    tuning = [s for s in seeds if s < HELD_OUT_SEED]
+    out = [
+        f"### Regret (% of the oracle's value; median (IQR) over {len(seeds)} seeds)",
+        "",
+        f"One account, {spec.n_ads} ads, ${spec.daily_budget:,.0f}/day for {spec.days} "
+        "days; value events of ~$300, true ROAS lognormal around 1.5, log CTR and log "
+        f"value per click correlated {spec.ctr_vpc_corr}. World seeds {_seed_label(seeds)} "
+        + (
+            f"(**{len(tuning)} of them are tuning seeds below {HELD_OUT_SEED}**; "
+            if tuning
+            else "(held out; "
+        )
+        + "the allocator's knobs were chosen on seeds 0-47). The allocator runs with "
+        "`SamplerConfig()` defaults. Every policy spends the same budget in its own copy of "
+        "the world with the same random numbers; budget-slot baselines use "
+        f"{SLOTS} slots/day. Regret took {regret_s:.0f} s wall, 1-min load average "
+        f"{load_before:.1f} -> {load_after:.1f}.",
+        "",
+        "Last table: per-seed difference allocator minus each baseline, in points of regret "
+        "(negative = the allocator lost less on that seed): median (IQR), the seeds where the "
+        "allocator is better, and the two-sided p of the sign test (ties dropped) and of the "
+        "Wilcoxon signed-rank test.",
+        "",
+        regret_md,
+    ]
+    if not regret_only:
+        speed_md, _ = speed_report(20 if quick else 100, 1000, 2 if quick else 7)
+        out += ["", "### Speed", "", speed_md]
+    return "\n".join(out)
+
+
+def _cli(argv: list[str] | None = None) -> str:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m optimizer_assets.bench.sampler", description=__doc__.split("\n")[0]
     )
+    ap.add_argument("--quick", action="store_true", help="one seed per world, small speed run")
+    ap.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help=f"world seeds, e.g. 1000-1049 (default {HELD_OUT_SEED}-{HELD_OUT_SEED + 19})",
+    )
+    ap.add_argument("--regret-only", action="store_true", help="skip the speed part")
+    ap.add_argument(
+        "--policy",
+        action="append",
+        dest="policies",
+        help="run only this baseline (repeatable; the allocator always runs)",
+    )
+    a = ap.parse_args(argv)
+    return main(quick=a.quick, seeds=a.seeds, regret_only=a.regret_only, policy_names=a.policies)
 
 
 if __name__ == "__main__":
-    print(main())
+    print(_cli())

@@ -4,19 +4,20 @@
 the value corrected for what recent spend has not delivered yet (lag curve estimated from the
 warehouse's deal history, stored as ``value_lag_cdf``). ``ad_scores`` runs the Thompson
 allocator per account (its settings, its total budget, an rng seeded from (account, now));
-every run is also kept in ``ad_score_history``. For the accounts whose ``learning:`` flags are
-on, ``ad_scores`` also reads the learners' tables (``cross_account_patterns``, the newest
-``winner_index`` build, ``detected_drifts``) and hands their boosts, cold-start priors and
-drift-discounted counts to the allocator (``performance.apply_learning``), and with
-``learning.forget_changes`` the evidence from before each ad's CTR change day forgotten
-(``performance.forget_changes``, ``sampler.evidence_weights`` on ``daily_evidence``); a table
-that is not there yet changes nothing. ``budget_recommendations`` sums the ads'
-budgets per ad set in minor units: the input of the guarded change plan, which also pauses the
-ads whose ``ad_scores.action`` is ``kill``. A blocking check keeps the plan from running on
-budgets that do not add up.
+every run is also kept in ``ad_score_history`` for ``HISTORY_RETENTION_DAYS`` (90) days by
+``scored_at`` (each run deletes older ones; counts in its metadata). For the accounts whose
+``learning:`` flags are on, ``ad_scores`` also reads the learners' tables
+(``cross_account_patterns``, the newest ``winner_index`` build, ``detected_drifts``) and hands
+their boosts, cold-start priors and drift-discounted counts to the allocator
+(``performance.apply_learning``), and with ``learning.forget_changes`` the evidence from before
+each ad's CTR change day forgotten (``performance.forget_changes``, ``sampler.evidence_weights``
+on ``daily_evidence``); a table that is not there yet changes nothing.
+``budget_recommendations`` sums the ads' budgets per ad set in minor units: the input of the
+guarded change plan, which also pauses the ads whose ``ad_scores.action`` is ``kill``. A
+blocking check keeps the plan from running on budgets that do not add up.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dagster as dg
 import polars as pl
@@ -33,6 +34,27 @@ from optimizer_assets.warehouse import Warehouse
 
 MAX_LAG_DAYS = 28  # value arriving later than this counts as arriving on day 28
 HISTORY = "ad_score_history"
+# runs scored longer ago than this are deleted from HISTORY by each ad_scores run; 90 days keeps
+# a quarter of weekly reviews (and the 30-day demo report) while the table stops growing
+HISTORY_RETENTION_DAYS = 90
+
+
+def prune_history(wh: Warehouse, cutoff: datetime) -> dict:
+    """Delete the ``ad_score_history`` runs scored before ``cutoff``; counts for the metadata."""
+    with wh.connect() as con:
+        con.execute("BEGIN")
+        runs, rows = con.execute(
+            f"SELECT count(DISTINCT scored_at), count(*) FROM {HISTORY} WHERE scored_at < ?",
+            [cutoff],
+        ).fetchone()
+        if rows:
+            con.execute(f"DELETE FROM {HISTORY} WHERE scored_at < ?", [cutoff])
+        con.execute("COMMIT")
+    return {
+        "history_runs_removed": int(runs),
+        "history_rows_removed": int(rows),
+        "history_kept_since": dg.MetadataValue.timestamp(cutoff),
+    }
 
 
 def sampler_configs(settings: Settings, account_ids: list[str]) -> dict[str, SamplerConfig]:
@@ -255,6 +277,13 @@ def ad_scores(
     scores = performance.allocate_accounts(perf, sampler_configs(settings, accounts), now=now)
     wh.replace("ad_scores", scores)
     wh.replace_where(HISTORY, scores, "scored_at", [now])
+    retention = prune_history(wh, now - timedelta(days=HISTORY_RETENTION_DAYS))
+    if retention["history_runs_removed"]:
+        context.log.info(
+            f"{HISTORY}: removed {retention['history_runs_removed']} runs "
+            f"({retention['history_rows_removed']:,} rows) scored over "
+            f"{HISTORY_RETENTION_DAYS} days ago"
+        )
     summary = performance.allocation_summary(scores)
     return dg.MaterializeResult(
         metadata={
@@ -262,6 +291,7 @@ def ad_scores(
             "accounts": len(accounts),
             **summary,
             **learning_meta,
+            **retention,
             "top_movers": md_table(performance.top_movers(scores), limit=10),
         }
     )

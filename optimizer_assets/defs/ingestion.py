@@ -31,6 +31,9 @@ ALL_STATUSES = ("ACTIVE", "PAUSED", "ARCHIVED", "DELETED")
 INSIGHTS_REPORT_RUN_AFTER_DAYS = 7
 # deals stored per warehouse write in `hubspot_deals` (progress is logged after each)
 DEAL_CHUNK = 20_000
+# deals per chunk in `hubspot_contacts` (associations, then their new contacts, stored per chunk;
+# a multiple of HubSpot's 100-id batch reads)
+CONTACT_DEAL_CHUNK = 20_000
 
 
 def _ms(moment: datetime) -> int:
@@ -135,39 +138,82 @@ def deal_stage_events(warehouse: WarehouseResource) -> dg.MaterializeResult:
 
 @dg.asset(group_name="crm", kinds={"hubspot", "duckdb"}, deps=[hubspot_deals], pool="duckdb")
 def hubspot_contacts(
-    optimizer: OptimizerResource, hubspot: HubSpotResource, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    optimizer: OptimizerResource,
+    hubspot: HubSpotResource,
+    warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    """Contacts behind the deals, identities hashed at ingestion; click ids and UTMs parsed."""
+    """Contacts behind the deals, identities hashed at ingestion; click ids and UTMs parsed.
+
+    Works in chunks of ``CONTACT_DEAL_CHUNK`` deals: their associations are stored, then the
+    contacts not stored yet are read and stored, and progress is logged; only one chunk's
+    contact records are held in memory. Contacts of associations stored by an earlier run whose
+    records were never stored (a crash between the two writes) are read first.
+    """
     wh, settings = warehouse.get(), optimizer.settings()
     deals = wh.read("hubspot_deals").select("deal_id", "account_id")
     known = wh.read("deal_contacts")
     todo = deals if known.is_empty() else deals.join(known, on="deal_id", how="anti")
+    stored = wh.read("hubspot_contacts")
+    # ids only (not records): contacts already stored, or asked for in this run
+    seen: set[str] = set() if stored.is_empty() else set(stored["contact_id"].to_list())
+    del stored
+    leftover = (
+        known.join(deals, on="deal_id", how="left").filter(~pl.col("contact_id").is_in(list(seen)))
+        if known.height
+        else None
+    )
+    new_associations = new_contacts = with_click_id = chunks = 0
+
+    def store_contacts(client, links: pl.DataFrame) -> None:
+        """Read and store the not yet seen contacts of (contact_id, account_id) links."""
+        nonlocal new_contacts, with_click_id
+        links = links.unique("contact_id", keep="first", maintain_order=True)
+        fresh = [c not in seen for c in links["contact_id"].to_list()]
+        needed = links.filter(pl.Series(fresh, dtype=pl.Boolean))
+        if needed.is_empty():
+            return
+        seen.update(needed["contact_id"].to_list())
+        country = {
+            c: settings.for_account(a).default_country
+            if a
+            else settings.defaults["default_country"]
+            for c, a in needed.select("contact_id", "account_id").iter_rows()
+        }
+        contacts = crm.contacts_frame(client.read_contacts(needed["contact_id"].to_list()), country)
+        wh.upsert("hubspot_contacts", contacts, ["contact_id"])
+        new_contacts += contacts.height
+        with_click_id += int(contacts["fbclid"].is_not_null().sum())
+
     with hubspot.client() as client:
-        pairs = client.deal_contact_ids(todo["deal_id"].to_list()) if todo.height else None
-        if pairs is not None:
-            wh.append_new("deal_contacts", pairs, ["deal_id", "contact_id"])
-        links = wh.read("deal_contacts").join(deals, on="deal_id", how="left")
-        stored = wh.read("hubspot_contacts")
-        needed = (
-            links
-            if stored.is_empty()
-            else links.join(stored.select("contact_id"), on="contact_id", how="anti")
-        )
-        needed = needed.unique("contact_id", keep="first", maintain_order=True)
-        records = client.read_contacts(needed["contact_id"].to_list()) if needed.height else []
+        if leftover is not None:
+            for start in range(0, leftover.height, CONTACT_DEAL_CHUNK):
+                store_contacts(client, leftover.slice(start, CONTACT_DEAL_CHUNK))
+        for start in range(0, todo.height, CONTACT_DEAL_CHUNK):
+            chunk = todo["deal_id"].slice(start, CONTACT_DEAL_CHUNK).to_list()
+            pairs = client.deal_contact_ids(chunk)
+            new_associations += wh.append_new(
+                "deal_contacts", pairs, ["deal_id", "contact_id"]
+            ).height
+            store_contacts(
+                client, pairs.join(deals, on="deal_id", how="left", maintain_order="left")
+            )
+            chunks += 1
+            context.log.info(
+                f"hubspot_contacts: {start + len(chunk):,} of {todo.height:,} deals done, "
+                f"{new_associations:,} associations and {new_contacts:,} contacts stored, "
+                f"{client.request_count:,} HTTP requests"
+            )
         http_requests = client.request_count
-    country = {
-        c: settings.for_account(a).default_country if a else settings.defaults["default_country"]
-        for c, a in needed.select("contact_id", "account_id").iter_rows()
-    }
-    contacts = crm.contacts_frame(records, country)
-    wh.upsert("hubspot_contacts", contacts, ["contact_id"])
+    if not wh.has_table("hubspot_contacts"):  # downstream reads the table even when empty
+        wh.upsert("hubspot_contacts", crm.contacts_frame([], {}), ["contact_id"])
     return dg.MaterializeResult(
         metadata={
             "row_count": wh.query("SELECT count(*) AS n FROM hubspot_contacts")["n"][0],
-            "new_contacts": contacts.height,
-            "new_associations": 0 if pairs is None else pairs.height,
-            "with_click_id": contacts["fbclid"].is_not_null().sum(),
+            "new_contacts": new_contacts,
+            "new_associations": new_associations,
+            "with_click_id": with_click_id,
+            "chunks": chunks,
             "http_requests": http_requests,
         }
     )

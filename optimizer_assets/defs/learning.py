@@ -3,7 +3,10 @@
 ``cross_account_patterns`` aggregates creative traits per account, then across accounts
 (``domain.cross_account``). ``winner_index`` selects winners per account settings (``winners:``)
 and saves a FAISS index next to the warehouse under ``winner_index/<version>/``
-(``domain.winner_index``); the builds are listed in the ``winner_index_builds`` table.
+(``domain.winner_index``); the builds are listed in the ``winner_index_builds`` table. Each build
+then deletes the directories of older versions beyond the newest ``KEEP_INDEX_VERSIONS`` (5) on
+disk, never the newest build's (the one ``latest_index`` loads); their rows stay, with
+``removed_at`` set.
 ``online_learner`` feeds every insights row not learned before to the river instant learner
 (``domain.instant_learner``); its state lives in the warehouse (``online_learner_state``, one
 bytes blob with its cursor) and its drift records in ``detected_drifts``. Drift is watched with
@@ -15,6 +18,7 @@ on (by default only drift discounting: the one that lowered regret in
 ``python -m optimizer_assets.bench learning_regret``; see README).
 """
 
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -38,6 +42,10 @@ from optimizer_assets.warehouse import Warehouse
 STATE_TABLE = "online_learner_state"
 DRIFTS_TABLE = "detected_drifts"
 BUILDS_TABLE = "winner_index_builds"
+# winner index versions kept on disk (newest by build time); older directories are deleted by
+# the winner_index asset. The newest build is always kept, and keeping more than one means a
+# reader that resolved the previous newest build just before a new one still finds its files.
+KEEP_INDEX_VERSIONS = 5
 # a true drift not detected this long after it happened counts as missed (check warns)
 DETECTION_DEADLINE_HOURS = 168.0
 _TS = pl.Datetime("us", "UTC")
@@ -198,12 +206,18 @@ def winner_index(
     schema = {"version": pl.Utf8, "path": pl.Utf8, "built_at": _TS, "winners": pl.Int64}
     wh.upsert(BUILDS_TABLE, pl.DataFrame([build], schema=schema), keys=["version"])
     context.log.info(f"winner index {build['version']}: {build['winners']} winners")
+    removed, kept = prune_index_versions(wh, now=now, keep=KEEP_INDEX_VERSIONS)
+    if removed:
+        context.log.info(f"winner index: removed {len(removed)} old versions: {removed}")
     return dg.MaterializeResult(
         metadata={
             **metadata,
             "build_time": now.isoformat(),
             "version": build["version"],
             "path": build["path"] or "",
+            "versions_on_disk": kept,
+            "versions_removed": len(removed),
+            "removed_versions": ", ".join(removed),
         }
     )
 
@@ -211,6 +225,38 @@ def winner_index(
 def index_dir(wh: Warehouse, version: str) -> Path:
     """Where the index of ``version`` lives: next to the warehouse file."""
     return wh.path.parent / "winner_index" / version
+
+
+def prune_index_versions(
+    wh: Warehouse, *, now: datetime, keep: int = KEEP_INDEX_VERSIONS
+) -> tuple[list[str], int]:
+    """Delete the directories of the builds older than the newest ``keep`` that have one on disk;
+    the newest build (the version in use) is never deleted. Their rows in ``winner_index_builds``
+    stay, with ``removed_at``. Only ``<warehouse dir>/winner_index/<version>/`` of a listed
+    version is touched (a directory being saved, not yet listed, is left alone). Returns the
+    removed versions and how many listed versions are left on disk."""
+    builds = wh.read(BUILDS_TABLE)
+    if builds.is_empty():
+        return [], 0
+    if "removed_at" not in builds.columns:
+        builds = builds.with_columns(removed_at=pl.lit(None, dtype=_TS))
+    newest_first = builds.sort("built_at", "version", descending=True)
+    in_use = newest_first["version"][0]
+    on_disk = newest_first.filter(pl.col("path").is_not_null() & pl.col("removed_at").is_null())[
+        "version"
+    ].to_list()
+    keep_versions = set(on_disk[: max(keep, 1)]) | {in_use}
+    removed = []
+    for version in on_disk:
+        if version in keep_versions:
+            continue
+        shutil.rmtree(index_dir(wh, version), ignore_errors=True)
+        if not index_dir(wh, version).exists():
+            removed.append(version)
+    if removed:
+        rows = newest_first.filter(pl.col("version").is_in(removed))
+        wh.upsert(BUILDS_TABLE, rows.with_columns(removed_at=pl.lit(now).cast(_TS)), ["version"])
+    return removed, len(on_disk) - len(removed)
 
 
 def latest_index(wh: Warehouse) -> winner_domain.WinnerIndex | None:

@@ -61,10 +61,17 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from river import drift, linear_model, optim
+
+if TYPE_CHECKING:
+    from river import drift, linear_model
+
+# river is imported where a model or detector is built, not at module import: loading the
+# Dagster code location (every run) would otherwise spend ~0.3 s CPU on it. Unpickling a stored
+# learner imports the river classes it needs by itself.
 
 TRAITS: tuple[str, ...] = ("hook_type", "format", "cta", "emotion")
 FEATURES: tuple[str, ...] = ("account_id", *TRAITS, "dow")
@@ -189,6 +196,8 @@ class InstantLearner:
     def __init__(self, config: LearnerConfig | None = None) -> None:
         self.config = config or LearnerConfig()
         cfg = self.config
+        from river import linear_model, optim
+
         self.regressors = {
             t: linear_model.LinearRegression(
                 optimizer=optim.SGD(cfg.lr),
@@ -480,6 +489,8 @@ class InstantLearner:
             idx = order[lo:hi]
             stream = self._streams.get((a, target, signal))
             if stream is None:
+                from river import drift
+
                 stream = _Stream(
                     drift.ADWIN(
                         delta=cfg.trait_adwin_delta

@@ -31,8 +31,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import polars as pl
-from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.utils import murmurhash3_32
+
+# scikit-learn is imported inside embed(), not here: importing it costs ~1 s CPU, and every
+# Dagster run loads this module with the code location whether or not it embeds anything.
 
 TRAITS: tuple[str, ...] = ("hook_type", "format", "cta", "emotion")
 # Exact search below this many winners, HNSW above. Measured with bench/learning.py on this
@@ -146,6 +147,9 @@ def select_winners(
 
 def embed(creatives: pl.DataFrame, config: EmbeddingConfig | None = None) -> np.ndarray:
     """(n, config.dim) float32 unit vectors of traits + copy; deterministic, no fitted state."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    from sklearn.utils import murmurhash3_32
+
     cfg = config or EmbeddingConfig()
     n = creatives.height
     traits = np.zeros((n, cfg.trait_buckets * len(TRAITS)), dtype=np.float32)
