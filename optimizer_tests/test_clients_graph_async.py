@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -35,25 +34,11 @@ from optimizer_assets.defs.resources import WarehouseResource
 from optimizer_assets.sandbox.server import Faults, SandboxServer
 from optimizer_assets.sandbox.world import META_TOKEN
 from optimizer_assets.warehouse import Warehouse
+from optimizer_tests.fake_clock import FakeClock
 from optimizer_tests.fixtures_sandbox import point_optimizer_at, sandbox_world
 
 INSIGHTS = [a for a in ingestion_assets if a.key.path[0] == "meta_ad_insights"]
 KEYS = ["date_start", "ad_id"]
-
-
-class FakeClock:
-    """Monotonic clock that moves only when the client sleeps."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class ScriptedPolls(HTTPAdapter):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from datetime import date, timedelta
 
 import polars as pl
@@ -30,23 +29,9 @@ from optimizer_assets.clients import (
 from optimizer_assets.clients.graph import AD_FIELDS_WITH_TRAITS
 from optimizer_assets.sandbox.server import Faults, SandboxServer
 from optimizer_assets.sandbox.world import META_TOKEN, World, WorldConfig
+from optimizer_tests.fake_clock import FakeClock
 
 DAYS = 10
-
-
-class FakeClock:
-    """Monotonic clock that moves only when the client sleeps."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

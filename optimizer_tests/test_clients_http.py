@@ -37,26 +37,12 @@ from optimizer_assets.clients import (
 )
 from optimizer_assets.clients.errors import redact
 from optimizer_assets.clients.http import parse_retry_after
+from optimizer_tests.fake_clock import FakeClock
 
 TOKEN = "s3cr3t-token-XYZ"
 
 
 # --------------------------------------------------------------------------- test doubles
-class FakeClock:
-    """Monotonic clock that only moves when the client sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 Answer = tuple[int, Any, dict[str, str], float]  # status, body, headers, delay seconds
 
 
