@@ -52,20 +52,17 @@ Differences are arm minus ``base`` on the same seed (paired), reported as median
 
 from __future__ import annotations
 
-import hashlib
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from optimizer_assets.domain import cross_account, instant_learner, lag, performance
-from optimizer_assets.domain import sampler as sampler_mod
+from optimizer_assets.domain import cross_account, lag, performance
 from optimizer_assets.domain import winner_index as winners_mod
 from optimizer_assets.domain.instant_learner import TRAITS, InstantLearner
 from optimizer_assets.domain.revenue import PRESETS
@@ -73,9 +70,6 @@ from optimizer_assets.domain.sampler import SamplerConfig
 from optimizer_assets.sandbox import world as world_mod
 from optimizer_assets.sandbox.world import World, WorldConfig, WorldError
 
-# the drift detector and the allocator are tuned separately: the versions this process imported
-LEARNER_SHA = hashlib.sha256(Path(instant_learner.__file__).read_bytes()).hexdigest()[:12]
-SAMPLER_SHA = hashlib.sha256(Path(sampler_mod.__file__).read_bytes()).hexdigest()[:12]
 ARMS: dict[str, frozenset[str]] = {
     "base": frozenset(),
     # not a learner: the world's own budgets, never changed (how much the allocator moves)
@@ -184,25 +178,6 @@ def value_history(world: World) -> pl.DataFrame:
             pl.col("occurred_at").min().over("deal_id").alias("cohort_at"),
         )
         .select("ad_id", "deal_id", "cohort_at", "occurred_at", "value")
-    )
-
-
-def daily_counts(insights: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
-    """Per (ad, day): impressions, clicks, spend, the value that arrived that day and the value
-    whose click day (deal creation) it was (``click_value``)."""
-    ins = insights.select(
-        "ad_id", "date", "impressions", "clicks", pl.col("spend").cast(pl.Float64)
-    )
-    val = history.group_by("ad_id", pl.col("occurred_at").dt.date().alias("date")).agg(
-        pl.col("value").sum().alias("pipeline_value")
-    )
-    by_click = history.group_by("ad_id", pl.col("cohort_at").dt.date().alias("date")).agg(
-        pl.col("value").sum().alias("click_value")
-    )
-    return (
-        ins.join(val, on=["ad_id", "date"], how="full", coalesce=True)
-        .join(by_click, on=["ad_id", "date"], how="full", coalesce=True)
-        .fill_null(0)
     )
 
 
@@ -317,10 +292,10 @@ def run_arm(seed: int, arm: str, spec: Spec) -> ArmRun:
                     if "true_drift_time" in flags
                     else learner.drifts
                 )
-                kwargs["daily"] = daily_counts(insights, hist)
+                kwargs["daily"] = performance.daily_evidence(insights, hist, hist)
             if "forget_changes" in flags:
                 kwargs["forget_accounts"] = on
-                kwargs["daily"] = daily_counts(insights, hist)
+                kwargs["daily"] = performance.daily_evidence(insights, hist, hist)
                 kwargs["lag_cdf"] = lag_cdf
                 if "ad_only" in flags:
                     kwargs["forget_options"] = {"account_z": None}
@@ -573,9 +548,6 @@ def report(seeds: list[int], spec: Spec, arms: tuple[str, ...], wall: float, dat
         )
     lines += [
         "",
-        f"Drift detection: `domain/instant_learner.py` sha256 "
-        f"{LEARNER_SHA}, `domain/sampler.py` {SAMPLER_SHA} when imported (both are being "
-        "tuned separately).",
         f"Wall {wall:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
     ]
     return "\n".join(lines)

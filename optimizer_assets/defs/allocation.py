@@ -162,10 +162,8 @@ def learning_accounts(settings: Settings, account_ids: list[str]) -> dict[str, s
 
 
 def daily_evidence(wh: Warehouse) -> pl.DataFrame:
-    """Per (ad, day): impressions, clicks, spend (insights), attributed value arrived that day
-    (``pipeline_value``: the day split ``decay_counts`` needs to discount only pre-drift
-    evidence) and attributed value by its click day (``click_value``, dated like the lag
-    curve's cohorts: lead, else contact, else deal creation; for ``forget_changes``)."""
+    """``performance.daily_evidence`` from the warehouse: arrived value split by credits, click
+    days dated like the lag curve's cohorts (lead, else contact, else deal creation)."""
     insights, revenue, credits, leads, contacts, deals = read_tables(
         wh,
         "meta_ad_insights",
@@ -177,27 +175,12 @@ def daily_evidence(wh: Warehouse) -> pl.DataFrame:
     )
     if insights.is_empty():
         return pl.DataFrame()
-    ins = insights.select(
-        pl.col("ad_id").cast(pl.Utf8),
-        pl.col("date").cast(pl.Date),
-        pl.col("impressions").cast(pl.Float64),
-        pl.col("clicks").cast(pl.Float64),
-        pl.col("spend").cast(pl.Float64),
-    )
-    events = performance.value_events(revenue, credits)
-    value = events.group_by("ad_id", pl.col("occurred_at").dt.date().alias("date")).agg(
-        pl.col("value").sum().alias("pipeline_value")
-    )
-    clicked = performance.lag_events(
-        revenue, credits, leads=leads, contacts=contacts, deals=deals, by_ad=True
-    )
-    by_click = clicked.group_by("ad_id", pl.col("cohort_at").dt.date().alias("date")).agg(
-        pl.col("value").sum().alias("click_value")
-    )
-    return (
-        ins.join(value, on=["ad_id", "date"], how="full", coalesce=True)
-        .join(by_click, on=["ad_id", "date"], how="full", coalesce=True)
-        .fill_null(0.0)
+    return performance.daily_evidence(
+        insights,
+        performance.value_events(revenue, credits),
+        performance.lag_events(
+            revenue, credits, leads=leads, contacts=contacts, deals=deals, by_ad=True
+        ),
     )
 
 

@@ -335,6 +335,45 @@ FORGET_COLUMNS = (
 )
 
 
+def daily_evidence(
+    insights: pl.DataFrame, arrived: pl.DataFrame, clicked: pl.DataFrame
+) -> pl.DataFrame:
+    """Per (ad, day): ``impressions``, ``clicks``, ``spend`` (insights rows with ``ad_id`` and
+    ``date``), the attributed value that arrived that day (``pipeline_value``, from ``arrived``:
+    ad_id, occurred_at, value; the day split ``decay_counts`` needs to discount only pre-drift
+    evidence) and the value by its click day (``click_value``, from ``clicked``: ad_id,
+    cohort_at, value; for ``forget_changes``). Empty when there are no insights."""
+    if insights.is_empty():
+        return pl.DataFrame()
+    ins = insights.select(
+        pl.col("ad_id").cast(pl.Utf8),
+        pl.col("date").cast(pl.Date),
+        *(pl.col(c).cast(pl.Float64) for c in ("impressions", "clicks", "spend")),
+    )
+
+    def by_day(events: pl.DataFrame, moment: str, name: str) -> pl.DataFrame:
+        day = pl.col(moment).dt.date().alias("date")
+        return events.group_by(pl.col("ad_id").cast(pl.Utf8), day).agg(
+            pl.col("value").cast(pl.Float64).sum().alias(name)
+        )
+
+    return (
+        ins.join(
+            by_day(arrived, "occurred_at", "pipeline_value"),
+            on=["ad_id", "date"],
+            how="full",
+            coalesce=True,
+        )
+        .join(
+            by_day(clicked, "cohort_at", "click_value"),
+            on=["ad_id", "date"],
+            how="full",
+            coalesce=True,
+        )
+        .fill_null(0.0)
+    )
+
+
 def forget_changes(
     perf: pl.DataFrame,
     daily: pl.DataFrame | None,
